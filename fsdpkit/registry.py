@@ -1,0 +1,164 @@
+"""Model registry: a frozen :class:`ModelSpec` per model, discovered through entry points.
+
+Any installed distribution registers models in the ``fsdpkit.models`` entry-point group; the
+entry point names the model and points at a zero-argument factory returning a
+:class:`ModelSpec` (or at a spec itself)::
+
+    [options.entry_points]
+    fsdpkit.models =
+        my-vit = my_pkg.models:vit_spec
+
+A model that is not installed is addressed as ``package.module:factory``. The library never
+imports a particular model package: ``seer_train`` is one plug-in among others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelNotFoundError, ModelSpecError
+
+__all__ = ["ENTRY_POINT_GROUP", "ModelSpec", "available_models", "get_model_spec"]
+
+ENTRY_POINT_GROUP = "fsdpkit.models"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelSpec:
+    """What fsdpkit needs to know about a model, and nothing more.
+
+    Fields:
+        name: registry name (``"regnet10b"``).
+        build: ``build(device) -> nn.Module``, the whole training model (trunk and heads) in
+            FP32. Must work on ``torch.device("meta")`` without allocating memory.
+        example_input: ``example_input(batch_size, device)`` -> the positional input of one
+            training forward for a per-GPU batch (a tensor, or a list of tensors for multi-crop).
+        units: ``units(model) -> sequence of modules``, the ordered chain that planners,
+            activation checkpointing, FSDP and slicing address by index. Each must be a
+            submodule of ``model``; the chain must be non-empty and without repeats.
+        description: one line for tables.
+        info: static, JSON-serialisable facts shown by ``fsdpkit models`` (stage widths, …).
+    """
+
+    name: str
+    build: Callable[[torch.device], nn.Module]
+    example_input: Callable[[int, torch.device], Any]
+    units: Callable[[nn.Module], Sequence[nn.Module]]
+    description: str = ""
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ModelSpecError(f"ModelSpec.name must be a non-empty string, got {self.name!r}")
+        for attr in ("build", "example_input", "units"):
+            if not callable(getattr(self, attr)):
+                raise ModelSpecError(f"ModelSpec {self.name!r}: {attr} must be callable")
+        object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+
+    def build_model(self, device: torch.device | str = "meta") -> nn.Module:
+        """Build the model on ``device`` (default ``meta``: shapes only, no memory)."""
+        model = self.build(torch.device(device))
+        if not isinstance(model, nn.Module):
+            raise ModelSpecError(
+                f"model {self.name!r}: build() returned {type(model).__name__}, not an nn.Module"
+            )
+        return model
+
+    def named_units(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The unit chain as ``(qualified name, module)`` pairs, validated against ``model``."""
+        names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        units = list(self.units(model))
+        if not units:
+            raise ModelSpecError(f"model {self.name!r} has no units: units(model) is empty")
+        out: list[tuple[str, nn.Module]] = []
+        for i, unit in enumerate(units):
+            if id(unit) not in names:
+                raise ModelSpecError(
+                    f"model {self.name!r}: unit {i} ({type(unit).__name__}) is not a submodule"
+                )
+            if unit is model:
+                raise ModelSpecError(f"model {self.name!r}: unit {i} is the whole model")
+            out.append((names[id(unit)], unit))
+        if len({id(u) for u in units}) != len(units):
+            raise ModelSpecError(f"model {self.name!r}: the same module appears twice in units")
+        return out
+
+
+def _entry_points() -> dict[str, list[EntryPoint]]:
+    found: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, []).append(ep)
+    return found
+
+
+def available_models() -> list[str]:
+    """Names registered in the ``fsdpkit.models`` entry-point group, sorted (nothing imported)."""
+    return sorted(_entry_points())
+
+
+def _as_spec(obj: Any, origin: str) -> ModelSpec:
+    if not isinstance(obj, ModelSpec) and callable(obj):
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise ModelSpecError(f"{origin}: calling the factory failed: {e}") from e
+    if not isinstance(obj, ModelSpec):
+        raise ModelSpecError(
+            f"{origin} gave {type(obj).__name__}; expected an fsdpkit.ModelSpec or a "
+            "zero-argument function returning one"
+        )
+    return obj
+
+
+def _load_path(path: str) -> ModelSpec:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ModelNotFoundError(f"--model {path!r}: expected 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelNotFoundError(f"--model {path!r}: cannot import {module_name!r}: {e}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelNotFoundError(f"--model {path!r}: {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    return _as_spec(obj, f"--model {path!r}")
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec of a registered model, or of ``package.module:factory``.
+
+    Raises :class:`ModelNotFoundError` (listing the known names) for an unknown name and
+    :class:`ModelSpecError` for a plug-in that does not return a valid spec.
+    """
+    if ":" in name:
+        return _load_path(name)
+    eps = _entry_points()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none registered"
+        raise ModelNotFoundError(
+            f"unknown model {name!r}; known models: {known} (or pass package.module:factory)"
+        )
+    if len(eps[name]) > 1:
+        where = ", ".join(ep.value for ep in eps[name])
+        raise ModelSpecError(f"model {name!r} is registered more than once: {where}")
+    ep = eps[name][0]
+    try:
+        obj = ep.load()
+    except Exception as e:  # a broken plug-in must not look like an unknown name
+        raise ModelSpecError(f"model {name!r}: loading entry point {ep.value} failed: {e}") from e
+    spec = _as_spec(obj, f"entry point {name} = {ep.value}")
+    if spec.name != name:
+        raise ModelSpecError(
+            f"entry point {name!r} = {ep.value} returned a spec named {spec.name!r}"
+        )
+    return spec

@@ -1,0 +1,3 @@
+"""seer_train: SwAV pretraining of RegNetY (SEER), composed from fsdpkit, planner and ckpt."""
+
+__all__: list[str] = []
