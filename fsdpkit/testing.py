@@ -1,0 +1,236 @@
+"""Run a function on N processes joined in a ``torch.distributed`` group over loopback.
+
+One helper for every multi-process test (ours, and those of projects that build on fsdpkit)::
+
+    def check_allreduce():            # module level: spawned ranks import it by name
+        t = torch.ones(1)
+        dist.all_reduce(t)
+        return t.item()
+
+    assert run_distributed(check_allreduce, world_size=3) == [3.0, 3.0, 3.0]
+
+What it takes care of: the rendezvous store listens on a free port chosen by the OS (no port
+race); each rank gets one intra-op thread (4 ranks on 2 cores must not oversubscribe); an
+exception on any rank is re-raised in the caller with the rank's traceback attached; the
+remaining ranks are killed after a short grace period instead of hanging in a collective; a
+per-call timeout kills every rank; ranks pass a barrier before ``destroy_process_group`` (gloo
+can abort a process at teardown otherwise); children die with their parent (Linux
+``PR_SET_PDEATHSIG``); no process outlives the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistributedTestError", "RemoteTraceback", "run_distributed"]
+
+_GRACE_S = 3.0  # after one rank fails, how long the others get to report their own errors
+
+
+class RemoteTraceback(Exception):
+    """Carries a rank's formatted traceback; set as ``__cause__`` of the re-raised error."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class DistributedTestError(RuntimeError):
+    """A rank failed in a way that has no exception of its own (crash, timeout, bad pickle)."""
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _worker(
+    fn: Callable[..., Any],
+    args: tuple,
+    kwargs: dict,
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout_s: float,
+    threads: int,
+    results: mp.Queue,
+) -> None:
+    _die_with_parent()
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+        )
+        payload = pickle.dumps(fn(*args, **kwargs))
+    except BaseException as e:  # report everything, including SystemExit from a test helper
+        tb = "".join(traceback.format_exception(e))
+        try:
+            exc = pickle.dumps(e)
+            pickle.loads(exc)
+        except Exception:
+            exc = None
+        results.put((rank, False, (tb, exc)))
+        results.close()
+        results.join_thread()
+        os._exit(1)  # no teardown: peers may be blocked in a collective with this rank
+    results.put((rank, True, payload))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "?"
+
+
+def _raise_failure(failures: dict[int, tuple[str, bytes | None]], crashed: set[int]) -> None:
+    # Root cause first: a rank that died without reporting (its peers' errors are consequences),
+    # else the earliest report (``failures`` keeps arrival order).
+    rank = min(crashed) if crashed else next(iter(failures))
+    tb, exc = failures[rank]
+    also = "".join(
+        f"\nrank {r} also failed: {_last_line(failures[r][0])}"
+        for r in sorted(set(failures) - {rank})
+    )
+    remote = RemoteTraceback(f'\n"""\nrank {rank} traceback:\n{tb}"""{also}')
+    if exc is not None:
+        raise pickle.loads(exc) from remote
+    raise DistributedTestError(f"rank {rank}: {_last_line(tb)}{also}") from remote
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    backend: str = "gloo",
+    threads_per_rank: int = 1,
+    start_method: str | None = None,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return the results in rank order.
+
+    ``fn`` and its arguments must be picklable (a module-level function) because ranks are
+    started with ``spawn`` by default; ``start_method="fork"`` (or the environment variable
+    ``FSDPKIT_TEST_START_METHOD``) trades that isolation for a faster start. Inside ``fn`` the
+    default process group is initialised; ``RANK``/``WORLD_SIZE`` are set in the environment.
+
+    Raises the first failing rank's own exception (its traceback chained as
+    :class:`RemoteTraceback`), :class:`DistributedTestError` when a rank dies without one, and
+    :class:`TimeoutError` naming the ranks still running after ``timeout_s`` seconds.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    method = start_method or os.environ.get("FSDPKIT_TEST_START_METHOD", "spawn")
+    ctx = mp.get_context(method)
+    # The parent hosts the rendezvous store on an OS-chosen port: nothing can take it from us.
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    results: mp.Queue = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(
+                fn,
+                args,
+                kwargs,
+                rank,
+                world_size,
+                store.port,
+                backend,
+                timeout_s,
+                threads_per_rank,
+                results,
+            ),
+            name=f"rank{rank}",
+        )
+        for rank in range(world_size)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        return _collect(procs, results, timeout_s)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=10)
+        results.close()
+        results.join_thread()
+        del store
+
+
+def _collect(procs: list[mp.Process], results: mp.Queue, timeout_s: float) -> list[Any]:
+    deadline = time.monotonic() + timeout_s
+    done: dict[int, bytes] = {}
+    failures: dict[int, tuple[str, bytes | None]] = {}
+    crashed: set[int] = set()
+    failed_at: float | None = None
+
+    def pending() -> list[int]:
+        return [r for r in range(len(procs)) if r not in done and r not in failures]
+
+    def record(rank: int, ok: bool, payload: Any) -> None:
+        (done if ok else failures)[rank] = payload
+
+    while pending():
+        now = time.monotonic()
+        if failed_at is not None and now - failed_at > _GRACE_S:
+            break  # the rest are presumably stuck in a collective with a failed rank
+        if now > deadline:
+            raise TimeoutError(f"ranks {pending()} still running after {timeout_s:g} s; killed")
+        try:
+            record(*results.get(timeout=0.05))
+        except queue.Empty:
+            dead = [r for r in pending() if procs[r].exitcode is not None]
+            if dead:  # a report may still be in flight from a rank that just exited
+                try:
+                    while True:
+                        record(*results.get(timeout=0.5))
+                except queue.Empty:
+                    pass
+                for r in set(dead) & set(pending()):
+                    failures[r] = (f"exited with code {procs[r].exitcode} without a result", None)
+                    crashed.add(r)
+        if failures and failed_at is None:
+            failed_at = time.monotonic()
+    if failures:
+        _raise_failure(failures, crashed)
+    for rank, p in enumerate(procs):  # every rank returned; teardown must be clean too
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+        if p.exitcode != 0:
+            raise DistributedTestError(
+                f"rank {rank} returned but exited with code {p.exitcode} during teardown"
+            )
+    return [pickle.loads(done[r]) for r in range(len(procs))]

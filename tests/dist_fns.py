@@ -1,0 +1,41 @@
+"""Module-level functions that the distributed tests run on every rank (spawn imports them)."""
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_rank() -> tuple[int, int, float]:
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return dist.get_rank(), dist.get_world_size(), t.item()
+
+
+def env_and_threads() -> tuple[str, str, int]:
+    return os.environ["RANK"], os.environ["WORLD_SIZE"], torch.get_num_threads()
+
+
+def raise_on_rank(bad_rank: int) -> int:
+    if dist.get_rank() == bad_rank:
+        raise ValueError(f"rank {bad_rank} is unhappy")
+    dist.barrier()  # the others wait in a collective that never completes
+    return 0
+
+
+def exit_on_rank_zero() -> int:
+    if dist.get_rank() == 0:
+        os._exit(3)
+    dist.barrier()
+    return 0
+
+
+def sleep_forever(pid_dir: str) -> None:
+    with open(os.path.join(pid_dir, f"{dist.get_rank()}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(3600)
+
+
+def unpicklable_result():
+    return lambda: None

@@ -1,0 +1,63 @@
+"""The multi-process harness every distributed test goes through."""
+
+import os
+
+import pytest
+from dist_fns import (
+    all_reduce_rank,
+    env_and_threads,
+    exit_on_rank_zero,
+    raise_on_rank,
+    sleep_forever,
+    unpicklable_result,
+)
+
+from fsdpkit.testing import DistributedTestError, RemoteTraceback, run_distributed
+
+pytestmark = pytest.mark.dist
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_results_come_back_in_rank_order(world_size):
+    expected = float(sum(range(world_size)))
+    assert run_distributed(all_reduce_rank, world_size) == [
+        (r, world_size, expected) for r in range(world_size)
+    ]
+
+
+def test_fork_start_method_and_rank_environment():
+    out = run_distributed(env_and_threads, 2, start_method="fork", threads_per_rank=1)
+    assert out == [("0", "2", 1), ("1", "2", 1)]
+
+
+def test_rank_exception_is_reraised_with_its_traceback():
+    with pytest.raises(ValueError, match="rank 1 is unhappy") as info:
+        run_distributed(raise_on_rank, 3, 1, timeout_s=60)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "rank 1 traceback" in str(cause) and "raise_on_rank" in str(cause)
+
+
+def test_rank_dying_without_exception_is_reported():
+    with pytest.raises(DistributedTestError, match="exited with code 3"):
+        run_distributed(exit_on_rank_zero, 2, timeout_s=60)
+
+
+def test_timeout_kills_every_rank(tmp_path):
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] still running"):
+        run_distributed(sleep_forever, 2, str(tmp_path), timeout_s=8)
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_unpicklable_result_is_an_error():
+    with pytest.raises(Exception, match=r"pickle|Can't"):
+        run_distributed(unpicklable_result, 1)
+
+
+def test_bad_world_size():
+    with pytest.raises(ValueError, match="world_size"):
+        run_distributed(all_reduce_rank, 0)
