@@ -139,8 +139,9 @@ def run_distributed(
     ``FSDPKIT_TEST_START_METHOD``) trades that isolation for a faster start. Inside ``fn`` the
     default process group is initialised; ``RANK``/``WORLD_SIZE`` are set in the environment.
 
-    Raises the first failing rank's own exception (its traceback chained as
-    :class:`RemoteTraceback`), :class:`DistributedTestError` when a rank dies without one, and
+    Raises the root-cause rank's own exception (its traceback chained as
+    :class:`RemoteTraceback`; a rank that died without an exception is taken as the root cause,
+    else the earliest report), :class:`DistributedTestError` when it has none, and
     :class:`TimeoutError` naming the ranks still running after ``timeout_s`` seconds.
     """
     if world_size < 1:
