@@ -6,7 +6,13 @@ errors. The multi-process test harness lives in :mod:`fsdpkit.testing`.
 """
 
 from .errors import FsdpkitError, ModelNotFoundError, ModelSpecError
-from .registry import ENTRY_POINT_GROUP, ModelSpec, available_models, get_model_spec
+from .registry import (
+    ENTRY_POINT_GROUP,
+    ModelSpec,
+    available_models,
+    default_loss,
+    get_model_spec,
+)
 from .summary import ModelSummary, count_forward_flops, summarize_model
 
 __version__ = "0.1.0"
@@ -20,6 +26,7 @@ __all__ = [
     "ModelSummary",
     "available_models",
     "count_forward_flops",
+    "default_loss",
     "get_model_spec",
     "summarize_model",
 ]

@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .errors import ModelNotFoundError, ModelSpecError
 
-__all__ = ["ENTRY_POINT_GROUP", "ModelSpec", "available_models", "get_model_spec"]
+__all__ = ["ENTRY_POINT_GROUP", "ModelSpec", "available_models", "default_loss", "get_model_spec"]
 
 ENTRY_POINT_GROUP = "fsdpkit.models"
 
@@ -44,6 +45,8 @@ class ModelSpec:
         units: ``units(model) -> sequence of modules``, the ordered chain that planners,
             activation checkpointing, FSDP and slicing address by index. Each must be a
             submodule of ``model``; the chain must be non-empty and without repeats.
+        loss: ``loss(output) -> scalar`` back-propagated when a training step is profiled or
+            measured; default :func:`default_loss` (sum of the means of the floating outputs).
         description: one line for tables.
         info: static, JSON-serialisable facts shown by ``fsdpkit models`` (stage widths, …).
     """
@@ -52,6 +55,7 @@ class ModelSpec:
     build: Callable[[torch.device], nn.Module]
     example_input: Callable[[int, torch.device], Any]
     units: Callable[[nn.Module], Sequence[nn.Module]]
+    loss: Callable[[Any], torch.Tensor] | None = None
     description: str = ""
     info: Mapping[str, Any] = field(default_factory=dict)
 
@@ -62,6 +66,10 @@ class ModelSpec:
             if not callable(getattr(self, attr)):
                 raise ModelSpecError(f"ModelSpec {self.name!r}: {attr} must be callable")
         object.__setattr__(self, "info", MappingProxyType(dict(self.info)))
+
+    def training_loss(self, output: Any) -> torch.Tensor:
+        """The scalar a training step back-propagates for ``output`` of the model."""
+        return (self.loss or default_loss)(output)
 
     def build_model(self, device: torch.device | str = "meta") -> nn.Module:
         """Build the model on ``device`` (default ``meta``: shapes only, no memory)."""
@@ -90,6 +98,16 @@ class ModelSpec:
         if len({id(u) for u in units}) != len(units):
             raise ModelSpecError(f"model {self.name!r}: the same module appears twice in units")
         return out
+
+
+def default_loss(output: Any) -> torch.Tensor:
+    """The sum of the means of every floating-point tensor in ``output`` (nested containers)."""
+    leaves = [
+        t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+    if not leaves:
+        raise ModelSpecError("the model's output has no floating-point tensor to back-propagate")
+    return sum(t.float().mean() for t in leaves)
 
 
 def _entry_points() -> dict[str, list[EntryPoint]]:

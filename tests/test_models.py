@@ -104,6 +104,19 @@ def test_multicrop_equals_per_crop_passes_in_eval_mode():
     torch.testing.assert_close(z, z_each, rtol=1e-5, atol=1e-5)
 
 
+def test_one_call_per_unit_equals_separate_group_passes_in_train_mode():
+    # BatchNorm normalises each resolution group alone, exactly as separate trunk passes would.
+    preset = PRESETS["tiny"]
+    model = build_swav_model(preset)
+    calls = [0]
+    model.trunk.units[2].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    crops = multicrop_input(preset.crop_sizes, 2, torch.device("cpu"))
+    feats = model.trunk([torch.cat(crops[:2]), torch.cat(crops[2:])])
+    assert calls[0] == 1
+    separate = torch.cat([model.trunk(torch.cat(crops[:2])), model.trunk(torch.cat(crops[2:]))])
+    torch.testing.assert_close(feats, separate)
+
+
 def test_tiny_trains_on_cpu():
     torch.manual_seed(0)
     preset = PRESETS["tiny"]

@@ -12,12 +12,21 @@ from .generate import (
     stem_cost,
 )
 from .presets import PRESETS, SEERPreset, build_swav_model, multicrop_input, preset_spec
-from .regnet import RegNetTrunk, ResBottleneckBlock, SqueezeExcitation, Stem, UnitInfo, init_weights
+from .regnet import (
+    MultiResolutionUnit,
+    RegNetTrunk,
+    ResBottleneckBlock,
+    SqueezeExcitation,
+    Stem,
+    UnitInfo,
+    init_weights,
+)
 from .swav import SwAVHead, SwAVModel, resolution_groups
 
 __all__ = [
     "PRESETS",
     "BlockSpec",
+    "MultiResolutionUnit",
     "RegNetConfig",
     "RegNetTrunk",
     "ResBottleneckBlock",

@@ -8,6 +8,7 @@ alongside. Every unit reports its analytic cost through ``unit.cost(hw)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from .generate import BlockSpec, RegNetConfig, UnitCost, block_cost, stem_cost
 
 __all__ = [
+    "MultiResolutionUnit",
     "RegNetTrunk",
     "ResBottleneckBlock",
     "SqueezeExcitation",
@@ -32,7 +34,23 @@ def _bn(c: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-class Stem(nn.Module):
+class MultiResolutionUnit(nn.Module):
+    """A unit called once with a tensor, or with a list of tensors (one per resolution group).
+
+    One call per unit for all multi-crop resolutions means one FSDP all-gather per unit, and
+    BatchNorm statistics per group as in the SwAV reference (each group is normalised alone).
+    """
+
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]):
+        if isinstance(x, torch.Tensor):
+            return self.forward_one(x)
+        return [self.forward_one(t) for t in x]
+
+    def forward_one(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Stem(MultiResolutionUnit):
     """3×3 conv stride 2 (no bias) → BN → ReLU: (N, 3, H, W) → (N, w_out, ⌈H/2⌉, ⌈W/2⌉)."""
 
     def __init__(self, w_out: int, w_in: int = 3) -> None:
@@ -42,7 +60,7 @@ class Stem(nn.Module):
         self.bn = _bn(w_out)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_one(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.bn(self.conv(x)))
 
     def cost(self, hw: tuple[int, int]) -> UnitCost:
@@ -65,7 +83,7 @@ class SqueezeExcitation(nn.Module):
         return x * s
 
 
-class ResBottleneckBlock(nn.Module):
+class ResBottleneckBlock(MultiResolutionUnit):
     """Residual bottleneck block with group conv and SE: ``ReLU(shortcut(x) + f(x))``.
 
     (N, w_in, H, W) → (N, w_out, ceil(H/stride), ceil(W/stride)). The shortcut is a 1×1 conv
@@ -90,7 +108,7 @@ class ResBottleneckBlock(nn.Module):
         self.c_bn = _bn(spec.w_out)
         self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_one(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.proj_bn(self.proj(x)) if self.spec.has_proj else x
         f = self.relu(self.a_bn(self.a(x)))
         f = self.relu(self.b_bn(self.b(f)))
@@ -118,7 +136,8 @@ class UnitInfo:
 class RegNetTrunk(nn.Module):
     """RegNetY trunk: ``units`` = [stem, block, block, ...], then global average pool + flatten.
 
-    (N, 3, H, W) → (N, out_width). ``unit_info[i]`` describes ``units[i]``.
+    (N, 3, H, W) → (N, out_width); a list of groups (N_g, 3, H_g, W_g) → (sum N_g, out_width),
+    every unit called once for all groups. ``unit_info[i]`` describes ``units[i]``.
     """
 
     def __init__(self, config: RegNetConfig) -> None:
@@ -137,10 +156,12 @@ class RegNetTrunk(nn.Module):
         self.out_width = config.out_width
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         for unit in self.units:
             x = unit(x)
-        return self.avg_pool(x).flatten(1)  # (N, out_width)
+        if isinstance(x, torch.Tensor):
+            return self.avg_pool(x).flatten(1)  # (N, out_width)
+        return torch.cat([self.avg_pool(t).flatten(1) for t in x])  # (sum N_g, out_width)
 
     def unit_costs(self, hw: tuple[int, int]) -> list[UnitCost]:
         """Analytic cost of every unit for one image of spatial size ``hw``."""

@@ -49,9 +49,10 @@ class SwAVModel(nn.Module):
     """Trunk → head → prototypes, over a multi-crop list.
 
     Input: a tensor (N, 3, H, W) or a list of crop batches, each (B, 3, H_i, W_i). Consecutive
-    crops of one resolution run through the trunk together. Output ``(z, scores)``: ``z`` is
-    (sum of crop batches, out) L2-normalised and ``scores = prototypes(z)`` is (…, K), crop-major
-    (all of crop 0, then crop 1, …).
+    crops of one resolution are concatenated into a group, and the trunk takes all groups in one
+    pass (each unit called once; no padding, BatchNorm statistics per group). Output
+    ``(z, scores)``: ``z`` is (sum of crop batches, out) L2-normalised and
+    ``scores = prototypes(z)`` is (…, K), crop-major (all of crop 0, then crop 1, …).
     """
 
     def __init__(self, trunk: nn.Module, head: SwAVHead, num_prototypes: int) -> None:
@@ -63,6 +64,6 @@ class SwAVModel(nn.Module):
     def forward(self, crops: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        feats = [self.trunk(torch.cat(crops[s:e])) for s, e in resolution_groups(crops)]
-        z = self.head(torch.cat(feats))  # (sum B_i, out)
+        groups = [torch.cat(crops[s:e]) for s, e in resolution_groups(crops)]
+        z = self.head(self.trunk(groups))  # (sum B_i, out)
         return z, self.prototypes(z)  # (sum B_i, K)

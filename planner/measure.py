@@ -1,0 +1,82 @@
+"""Measure the real peak of one training step with a plan applied, to check predictions.
+
+The step is the steady state of training: forward, backward, optimizer step and
+``zero_grad``, after one warm-up step that creates the optimizer state. On CPU (and meta) the
+peak comes from :class:`~planner.tracker.LiveMemory` over the real tensors; on CUDA from
+``torch.cuda.max_memory_allocated`` (the allocator's view, which also sees workspaces).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from fsdpkit import ModelSpec
+from fsdpkit.ac import apply_ac
+
+from .tracker import LiveMemory
+
+__all__ = ["MeasuredStep", "measure_step"]
+
+
+@dataclass(frozen=True, slots=True)
+class MeasuredStep:
+    """``peak_bytes``: the step's peak; ``timeline``: live bytes after each change (CPU only)."""
+
+    peak_bytes: int
+    device: str
+    timeline: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Segments:
+    units: tuple[str, ...]
+    segments: tuple[tuple[int, int, bool], ...]
+
+
+def measure_step(
+    spec: ModelSpec,
+    batch_size: int,
+    segments: Sequence[tuple[int, int, bool]],
+    *,
+    device: str = "cpu",
+    weight_decay: float = 1e-5,
+    timeline: bool = False,
+    seed: int = 0,
+) -> MeasuredStep:
+    """Peak bytes of a steady-state FP32 step of ``spec`` with ``segments`` checkpointed,
+    using SGD (momentum 0.9, ``weight_decay``) as SEER does."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    model = spec.build_model(dev).train()
+    names = tuple(n for n, _ in spec.named_units(model))
+    apply_ac(model, _Segments(names, tuple(tuple(s) for s in segments)))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=weight_decay)
+    inputs = spec.example_input(batch_size, dev)
+
+    def step() -> None:
+        loss = spec.training_loss(model(inputs))
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: momentum buffers exist from now on
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        return MeasuredStep(torch.cuda.max_memory_allocated(dev), str(dev), [])
+    tracker = LiveMemory()
+    state = [t for st in opt.state.values() for t in tree_leaves(st) if torch.is_tensor(t)]
+    tracker.register([*model.parameters(), *model.buffers(), *tree_leaves(inputs), *state])
+    points: list[int] = []
+    if timeline:
+        tracker.on_update = points.append
+    with tracker:
+        step()
+    return MeasuredStep(tracker.peak, str(dev), points)

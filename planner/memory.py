@@ -1,0 +1,329 @@
+"""Per-rank memory model: the peak of one training step for any checkpoint segmentation.
+
+A plan splits the unit chain into segments ``(start, end_exclusive, checkpointed)``. The model
+replays the step from a :class:`~planner.profile.ModelProfile` as a sequence of events: the
+forward of every unit, the recomputation of each checkpointed segment, every unit's backward,
+and the optimizer step. Every event's bytes are
+
+    static terms (parameters, gradients, optimizer state, unsharded buffers, inputs)
+  + activations stored by everything before the current segment   (the *prefix*)
+  + the current segment's own working set.
+
+Only the last term depends on the segment, and the prefix only grows, so an exact dynamic
+programme over segments (:mod:`planner.solve`) and this replay share one function,
+:func:`segment_events`.
+
+Boundary tensors (a unit's input/output) are counted once: a boundary is kept for backward if
+the unit before it saves it (and is not checkpointed), the unit after it saves it (and is not
+checkpointed), or a checkpointed segment starts there (its input is held).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fsdpkit import FsdpkitError
+
+from .profile import DTYPES, ModelProfile
+
+__all__ = [
+    "OPTIMIZERS",
+    "Event",
+    "MemoryConfig",
+    "MemoryEstimate",
+    "Segment",
+    "estimate",
+    "normalize_segments",
+    "segment_events",
+    "static_floor_bytes",
+    "tail_events",
+]
+
+Segment = tuple[int, int, bool]
+
+# Optimizer state in FP32 elements per parameter, and step temporaries (see the docstring).
+OPTIMIZERS = {"sgd": 1, "adamw": 2, "none": 0}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemoryConfig:
+    """How the step runs on one rank.
+
+    world_size: data-parallel ranks sharing parameters, gradients and optimizer state.
+    sharded: FSDP (parameters, gradients, optimizer state sharded over ``world_size``; each
+        unit's parameters all-gathered in the profile's dtype just before use). ``False``: a
+        plain single-process step (what the CPU accuracy measurements run).
+    optimizer: ``sgd`` (momentum: 1 FP32 element per parameter; with weight decay its step
+        allocates one parameter-sized temporary at a time), ``adamw`` (2 elements; its step
+        allocates a full parameter-sized temporary), ``none``.
+    weight_decay: whether the optimizer applies weight decay (SEER: yes).
+    reduce_dtype: dtype gradients are reduce-scattered in (sharded only).
+    prefetch: units all-gathered ahead of the current one (forward and backward).
+    overhead_bytes: fixed per-rank overhead (CUDA context, communication buffers, allocator
+        slack), stated in the breakdown.
+    """
+
+    world_size: int = 1
+    sharded: bool = False
+    optimizer: str = "sgd"
+    weight_decay: bool = True
+    reduce_dtype: str = "fp32"
+    prefetch: int = 1
+    overhead_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise FsdpkitError(f"world size must be >= 1, got {self.world_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise FsdpkitError(f"unknown optimizer {self.optimizer!r}; use {sorted(OPTIMIZERS)}")
+        if self.reduce_dtype not in DTYPES:
+            raise FsdpkitError(f"unknown reduce dtype {self.reduce_dtype!r}")
+        if self.prefetch < 0 or self.overhead_bytes < 0:
+            raise FsdpkitError("prefetch and overhead must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One moment of the step: ``label`` (e.g. ``"bwd 3"``), static terms by name, and the
+    segment-local working bytes; ``prefix`` is filled in by :func:`estimate`."""
+
+    label: str
+    static: dict[str, int]
+    local: int
+
+    @property
+    def static_total(self) -> int:
+        return sum(self.static.values())
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Predicted peak (bytes) of a plan, the breakdown at that moment, and the timeline."""
+
+    peak_bytes: int
+    peak_event: str
+    breakdown: dict[str, int]
+    timeline: list[tuple[str, int]] = field(repr=False)
+
+
+def _elem(dtype: str) -> int:
+    return DTYPES[dtype].itemsize
+
+
+class _Statics:
+    """Static terms per event position, for one profile and config."""
+
+    def __init__(self, prof: ModelProfile, cfg: MemoryConfig) -> None:
+        self.p, self.c = prof, cfg
+        n = len(prof.units)
+        state = OPTIMIZERS[cfg.optimizer]
+        if cfg.sharded:
+            shard = math.ceil(prof.param_numel / cfg.world_size)
+            self.base = {
+                "parameters (sharded fp32)": 4 * shard,
+                "gradients (sharded fp32)": 4 * shard,
+                "optimizer state (sharded)": 4 * state * shard,
+                "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
+                "fixed overhead": cfg.overhead_bytes,
+            }
+            self._reduce_extra = 4 if cfg.reduce_dtype == "fp32" and prof.dtype != "fp32" else 0
+        else:
+            self.base = {
+                "parameters": prof.static_bytes - prof.input_bytes - prof.buffer_bytes,
+                "optimizer state": 4 * state * prof.param_numel,
+                "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
+                "fixed overhead": cfg.overhead_bytes,
+            }
+            # Gradients accumulate in backward: those of units after i (and the tail) exist.
+            grads = [u.param_bytes for u in prof.units] + [prof.tail_param_bytes]
+            self._grads_after = [sum(grads[i + 1 :]) for i in range(n + 1)]
+        self._unit_params = [u.param_bytes for u in prof.units]
+        self._unit_numel = [u.param_numel for u in prof.units]
+
+    def _gathered(self, first: int, last: int) -> int:
+        lo, hi = max(first, 0), min(last, len(self._unit_params) - 1)
+        return sum(self._unit_params[lo : hi + 1])
+
+    def fwd(self, i: int) -> dict[str, int]:
+        """Static terms while unit ``i`` runs forward (``i == n``: the tail)."""
+        s = dict(self.base)
+        if self.c.sharded:
+            s["unsharded parameters"] = (
+                self.p.tail_param_bytes
+                if i >= len(self._unit_params)
+                else self._gathered(i, i + self.c.prefetch)
+            )
+        return s
+
+    def bwd(self, i: int) -> dict[str, int]:
+        """Static terms while unit ``i`` runs backward (``i == n``: the tail)."""
+        s = dict(self.base)
+        n = len(self._unit_params)
+        if self.c.sharded:
+            if i >= n:
+                s["unsharded parameters"] = self.p.tail_param_bytes
+                s["unsharded gradients"] = self._reduce_extra * self.p.tail_param_numel
+            else:
+                s["unsharded parameters"] = self._gathered(i - self.c.prefetch, i)
+                s["unsharded gradients"] = self._reduce_extra * self._unit_numel[i]
+        else:
+            s["gradients"] = self._grads_after[min(i, n)]
+        return s
+
+    def optimizer_step(self) -> dict[str, int]:
+        s = dict(self.base)
+        p, c = self.p, self.c
+        numel = math.ceil(p.param_numel / c.world_size) if c.sharded else p.param_numel
+        biggest = math.ceil(p.max_param_numel / c.world_size) if c.sharded else p.max_param_numel
+        if not c.sharded:
+            s["gradients"] = p.param_bytes
+        if c.optimizer == "adamw":
+            s["optimizer temporaries"] = 4 * numel
+        elif c.optimizer == "sgd" and c.weight_decay:  # one parameter-sized tensor at a time
+            elem = 4 if c.sharded or p.dtype not in DTYPES else _elem(p.dtype)
+            s["optimizer temporaries"] = elem * biggest
+        return s
+
+
+def _boundary_kept(prof: ModelProfile, k: int, ckpt: list[bool | None], start: bool) -> int:
+    """Bytes of boundary ``k`` (input of unit k) kept for backward; ckpt[j] per unit."""
+    units = prof.units
+    if start:
+        return units[k].input_bytes
+    kept = 0
+    if k >= 1 and ckpt[k - 1] is False:
+        kept = max(kept, units[k - 1].saves_output_bytes)
+    if k < len(units) and ckpt[k] is False:
+        kept = max(kept, units[k].saves_input_bytes)
+    if k == len(units):
+        kept = max(kept, prof.tail_saves_input_bytes)
+    return kept
+
+
+def segment_events(
+    prof: ModelProfile, statics: _Statics, s: int, e: int, ckpt: bool, prev_ckpt: bool | None
+) -> tuple[int, list[Event]]:
+    """Bytes segment ``[s, e)`` adds to the prefix, and its events (forward, recompute,
+    backward) with segment-local working bytes. ``prev_ckpt``: type of unit ``s - 1``."""
+    u = prof.units
+    types: list[bool | None] = [None] * len(u)
+    if s > 0:
+        types[s - 1] = prev_ckpt
+    for i in range(s, e):
+        types[i] = ckpt
+    kept = [_boundary_kept(prof, k, types, start=(ckpt and k == s)) for k in range(s, e)]
+    inner = [max(u[k - 1].saves_output_bytes, u[k].saves_input_bytes) for k in range(s + 1, e)]
+    events: list[Event] = []
+    stored = 0
+    for i in range(s, e):
+        fwd = u[i].fwd_nograd_peak_bytes if ckpt else u[i].fwd_peak_bytes
+        events.append(Event(f"fwd {i}", statics.fwd(i), stored + u[i].input_bytes + fwd))
+        stored += kept[i - s] + (0 if ckpt else u[i].saved_bytes)
+    grad_out = u[e - 1].output_bytes
+    if ckpt:  # recompute the segment in grad mode, holding its input and the output gradient
+        held = kept[0] + grad_out
+        recomputed = 0
+        for i in range(s, e):
+            live_in = u[i].input_bytes if i > s else 0
+            events.append(
+                Event(f"recompute {i}", statics.bwd(e - 1),
+                      held + recomputed + live_in + u[i].fwd_peak_bytes)
+            )  # fmt: skip
+            recomputed += u[i].saved_bytes + (inner[i - s - 1] if i > s else 0)
+    for i in range(e - 1, s - 1, -1):
+        # Kept before unit i: everything of units s..i-1 (recomputed if checkpointed) and the
+        # boundaries s..i, then unit i's own saves and its output gradient.
+        own = (
+            sum(u[j].saved_bytes for j in range(s, i))
+            + (kept[0] if ckpt else sum(kept[: i - s + 1]))
+            + (sum(inner[: i - s]) if ckpt else 0)
+            + u[i].saved_bytes
+            + u[i].saves_output_bytes
+            + u[i].output_bytes  # gradient of the output
+        )
+        events.append(Event(f"bwd {i}", statics.bwd(i), own + u[i].bwd_peak_bytes))
+    del grad_out
+    return stored, events
+
+
+def tail_events(prof: ModelProfile, statics: _Statics, last_ckpt: bool) -> tuple[int, list[Event]]:
+    """Events after the last unit (heads, loss) and the optimizer step; bytes kept by the
+    last boundary and the tail."""
+    n = len(prof.units)
+    types: list[bool | None] = [None] * n
+    if n:
+        types[-1] = last_ckpt
+    kept = _boundary_kept(prof, n, types, start=False)
+    out_bytes = prof.units[-1].output_bytes if n else 0
+    after_fwd = kept + prof.tail_saved_bytes
+    events = [
+        Event("fwd tail", statics.fwd(n), out_bytes + prof.tail_fwd_peak_bytes),
+        Event("bwd tail", statics.bwd(n), after_fwd + prof.tail_bwd_peak_bytes),
+    ]
+    return after_fwd, events
+
+
+def static_floor_bytes(prof: ModelProfile, cfg: MemoryConfig) -> int:
+    """Bytes needed with no activations at all (the optimizer step); no plan goes below it."""
+    return sum(_Statics(prof, cfg).optimizer_step().values())
+
+
+def normalize_segments(segments: list[Segment], n: int) -> list[Segment]:
+    """Validate a segmentation of ``n`` units; merge adjacent non-checkpointed segments."""
+    out: list[Segment] = []
+    pos = 0
+    for seg in segments:
+        if len(seg) != 3:
+            raise FsdpkitError(f"segment {seg!r}: expected [start, end_exclusive, checkpointed]")
+        s, e, c = int(seg[0]), int(seg[1]), bool(seg[2])
+        if s != pos or e <= s or e > n:
+            raise FsdpkitError(
+                f"segment {list(seg)} does not continue the chain at unit {pos} of {n}"
+            )
+        if out and not c and not out[-1][2]:
+            out[-1] = (out[-1][0], e, False)
+        else:
+            out.append((s, e, c))
+        pos = e
+    if pos != n:
+        raise FsdpkitError(f"segments cover units 0..{pos - 1} of {n}; they must cover all")
+    return out
+
+
+def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> MemoryEstimate:
+    """Replay one step under ``segments``: predicted peak, its breakdown, and the timeline.
+
+    Order: pre-unit work, every segment's forward, the tail (heads, loss) forward and backward,
+    segments' recomputation and backward in reverse, then the optimizer step.
+    """
+    n = len(prof.units)
+    segments = normalize_segments(segments, n)
+    statics = _Statics(prof, cfg)
+    timeline: list[tuple[str, int, Event]] = []
+    prefix = prof.pre_saved_bytes
+    timeline.append(("pre", 0, Event("pre", statics.fwd(0), prof.pre_peak_bytes)))
+    backward: list[tuple[int, list[Event], bool]] = []
+    prev: bool | None = None
+    for s, e, c in segments:
+        stored, events = segment_events(prof, statics, s, e, c, prev)
+        fwd = [ev for ev in events if ev.label.startswith("fwd")]
+        timeline += [(ev.label, prefix, ev) for ev in fwd]
+        backward.append((prefix, [ev for ev in events if not ev.label.startswith("fwd")], c))
+        prefix += stored
+        prev = c
+    tail_stored, (tail_fwd, tail_bwd) = tail_events(prof, statics, bool(prev))
+    timeline += [(tail_fwd.label, prefix, tail_fwd), (tail_bwd.label, prefix, tail_bwd)]
+    for seg_prefix, events, _ in reversed(backward):
+        timeline += [(ev.label, seg_prefix, ev) for ev in events]
+    opt = Event("optimizer step", statics.optimizer_step(), 0)
+    timeline.append((opt.label, 0, opt))
+    totals = [(label, pre + ev.static_total + ev.local) for label, pre, ev in timeline]
+    k = max(range(len(totals)), key=lambda j: totals[j][1])
+    label, pre, ev = timeline[k]
+    breakdown: dict[str, Any] = dict(ev.static)
+    breakdown["stored activations (earlier units)"] = pre
+    breakdown["working set (current segment + temporaries)"] = ev.local
+    del tail_stored
+    return MemoryEstimate(totals[k][1], label, breakdown, totals)

@@ -1,0 +1,382 @@
+"""Per-unit memory and FLOPs profile of one training step, symbolic (meta) or measured.
+
+One plain step (no checkpointing) runs under :class:`~planner.tracker.LiveMemory`, with hooks
+at every unit boundary in forward and in backward, plus one forward without grad (what a
+checkpointed segment runs). Per unit it records the facts the memory model composes into the
+peak of any plan:
+
+- ``saved_bytes``: storages autograd saves for backward (saved-tensor hooks, de-duplicated by
+  storage), excluding parameters, buffers, model inputs and the unit's boundary tensors;
+- ``input_bytes`` / ``output_bytes``: boundary tensors (all resolution groups), and how many of
+  those bytes the unit itself saves (``saves_input_bytes`` / ``saves_output_bytes``), so a
+  tensor that two neighbours both save is counted once;
+- ``fwd_peak_bytes`` / ``fwd_nograd_peak_bytes``: the forward's peak above the live bytes at
+  the unit's start (grad on / off);
+- ``bwd_peak_bytes``: the backward's peak above the live bytes when its output gradient is
+  complete (temporaries, gradients of inputs and parameters);
+- ``flops`` (forward) and ``param_bytes``.
+
+On ``meta`` nothing is allocated, so ``regnet10b`` at batch 16 profiles on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from fsdpkit import FsdpkitError, ModelSpec
+
+from .tracker import LiveMemory, storage_key, tensor_storages
+
+__all__ = ["DTYPES", "ModelProfile", "UnitProfile", "emulate_mixed_precision", "profile_model"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass(frozen=True, slots=True)
+class UnitProfile:
+    """What one unit costs in one training step (bytes, FLOPs); see the module docstring."""
+
+    name: str
+    saved_bytes: int
+    input_bytes: int
+    output_bytes: int
+    saves_input_bytes: int
+    saves_output_bytes: int
+    fwd_peak_bytes: int
+    fwd_nograd_peak_bytes: int
+    bwd_peak_bytes: int
+    flops: int
+    param_bytes: int
+    param_numel: int = 0
+
+    @property
+    def activation_bytes(self) -> int:
+        """Bytes this unit keeps for backward in a plain step (its saves, its input if kept)."""
+        return self.saved_bytes + self.saves_input_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ModelProfile:
+    """A training step's profile: ``units`` in order, plus what lies before and after them.
+
+    ``static_bytes``: parameters + buffers + model inputs (live for the whole step).
+    ``pre_*``: work before unit 0 (e.g. concatenating crops). ``tail_*``: everything after the
+    last unit (pooling, heads, loss): ``tail_saved_bytes`` kept for backward,
+    ``tail_saves_input_bytes`` of the last unit's output, forward/backward peaks above start.
+    ``step_flops``: forward + backward FLOPs of the step. ``measured_peak_bytes``: the peak
+    of the profiled plain step itself (a self-check for the memory model).
+    """
+
+    model: str
+    batch_size: int
+    dtype: str
+    device: str
+    units: tuple[UnitProfile, ...]
+    static_bytes: int
+    param_bytes: int
+    tail_param_bytes: int
+    param_numel: int
+    tail_param_numel: int
+    max_param_numel: int
+    buffer_bytes: int
+    input_bytes: int
+    pre_saved_bytes: int
+    pre_peak_bytes: int
+    tail_saved_bytes: int
+    tail_saves_input_bytes: int
+    tail_fwd_peak_bytes: int
+    tail_bwd_peak_bytes: int
+    step_flops: int
+    measured_peak_bytes: int
+    profile_time_s: float = 0.0
+    source: str = "profile"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit_names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["units"] = [asdict(u) for u in self.units]
+        d["activation_bytes"] = [u.activation_bytes for u in self.units]
+        d["extra"] = dict(self.extra)
+        return d
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], origin: str = "profile") -> ModelProfile:
+        """Read :meth:`to_json` output, or a minimal ``{"units": [names], "activation_bytes":
+        [bytes]}`` (then each unit keeps exactly its bytes, and FLOPs are taken ∝ bytes)."""
+        try:
+            if data["units"] and isinstance(data["units"][0], str):
+                return cls._from_minimal(data["units"], data["activation_bytes"], origin)
+            units = tuple(UnitProfile(**u) for u in data["units"])
+            rest = {k: v for k, v in data.items() if k not in ("units", "activation_bytes")}
+            return cls(units=units, **rest)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise FsdpkitError(
+                f"{origin}: not a profile ({type(e).__name__}: {e}); expected fsdpkit profile "
+                'JSON or {"units": [names], "activation_bytes": [bytes]}'
+            ) from None
+
+    @classmethod
+    def _from_minimal(cls, names: Sequence[str], act: Sequence[int], origin: str) -> ModelProfile:
+        if len(names) != len(act) or not names:
+            raise ValueError(f"{len(names)} units but {len(act)} activation_bytes")
+        if any(not isinstance(a, int) or a < 0 for a in act):
+            raise ValueError("activation_bytes must be non-negative integers")
+        units = tuple(
+            UnitProfile(str(n), int(a), 0, 0, 0, 0, int(a), 0, 0, int(a), 0)
+            for n, a in zip(names, act, strict=True)
+        )
+        return cls(
+            model=Path(origin).stem, batch_size=0, dtype="unknown", device="none", units=units,
+            static_bytes=0, param_bytes=0, tail_param_bytes=0, param_numel=0,
+            tail_param_numel=0, max_param_numel=0, buffer_bytes=0, input_bytes=0, pre_saved_bytes=0,
+            pre_peak_bytes=0, tail_saved_bytes=0, tail_saves_input_bytes=0,
+            tail_fwd_peak_bytes=0, tail_bwd_peak_bytes=0, step_flops=3 * sum(act),
+            measured_peak_bytes=0, source="minimal",
+        )  # fmt: skip
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelProfile:
+        try:
+            data = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise FsdpkitError(f"{path}: cannot read profile: {e.strerror}") from None
+        except json.JSONDecodeError as e:
+            raise FsdpkitError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        if not isinstance(data, dict):
+            raise FsdpkitError(f"{path}: expected a JSON object")
+        return cls.from_json(data, str(path))
+
+
+def emulate_mixed_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Run ``model`` as FSDP mixed precision does: parameters in ``dtype``, BatchNorm in FP32.
+
+    Non-BN parameters are cast to ``dtype``; each BatchNorm keeps FP32 parameters, gets its
+    input cast to FP32 and its output cast back (what a separately sharded FP32 BN unit does).
+    """
+    if dtype == torch.float32:
+        return model
+    for m in model.modules():
+        if isinstance(m, _BN):
+            m.register_forward_pre_hook(lambda _m, args: tuple(a.float() for a in args))
+            m.register_forward_hook(lambda _m, _a, out: out.to(dtype))
+        else:
+            for name, p in list(m.named_parameters(recurse=False)):
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), p.requires_grad))
+    return model
+
+
+class _Trace:
+    """One step under the tracker with hooks at unit boundaries (forward and backward)."""
+
+    def __init__(self, tracker: LiveMemory, n: int, excluded: set[int]) -> None:
+        self.t, self.n, self.excluded = tracker, n, excluded
+        self.current: int | str = "pre"
+        self.saved: dict[int | str, dict[int, int]] = {i: {} for i in [*range(n), "pre", "tail"]}
+        self.inputs: list[dict[int, int]] = [{} for _ in range(n)]
+        self.outputs: list[dict[int, int]] = [{} for _ in range(n)]
+        self.fwd_peak = [0] * n
+        self.bwd_peak = [0] * n
+        self.flops = [0] * n
+        self.pre_peak = self.tail_fwd_peak = self.tail_bwd_peak = 0
+        self.counter: FlopCounterMode | None = None
+        self._start = self._flops_at = 0
+        self._bwd_unit = n  # unit whose backward runs now; n = the tail
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        key = storage_key(st)
+        if key not in self.excluded:
+            self.saved[self.current][key] = st.nbytes()
+        return t
+
+    def _storages(self, obj: Any) -> dict[int, int]:
+        return {
+            k: s.nbytes()
+            for s in tensor_storages(obj)
+            if (k := storage_key(s)) not in self.excluded
+        }
+
+    def pre_hook(self, i: int):
+        def hook(_m, args):
+            if i == 0:
+                self.pre_peak = self.t.window_peak - self._start
+            self.inputs[i] = self._storages(args)
+            self.current = i
+            self._start = self.t.reset_window()
+            self._flops_at = self.counter.get_total_flops()
+
+        return hook
+
+    def post_hook(self, i: int):
+        def hook(_m, _args, out):
+            self.outputs[i] = self._storages(out)
+            self.fwd_peak[i] = self.t.window_peak - self._start
+            self.flops[i] = self.counter.get_total_flops() - self._flops_at
+            self.current = "tail"
+            self._start = self.t.reset_window()
+            if torch.is_grad_enabled():
+                # The first of this unit's output nodes to run marks the start of its backward:
+                # by then every gradient of its output exists and the next unit's backward is
+                # done (autograd runs later-created nodes first).
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                        t.grad_fn.register_prehook(self._enter_backward(i))
+
+        return hook
+
+    def _enter_backward(self, i: int):
+        def hook(_grad_outputs):
+            if self._bwd_unit <= i:
+                return None
+            self._close_backward_phase()
+            self._bwd_unit = i
+            self._start = self.t.reset_window()
+            return None
+
+        return hook
+
+    def _close_backward_phase(self) -> None:
+        peak = self.t.window_peak - self._start
+        if self._bwd_unit == self.n:
+            self.tail_bwd_peak = peak
+        else:
+            self.bwd_peak[self._bwd_unit] = peak
+
+    def run(self, spec: ModelSpec, model: nn.Module, units, inputs: Any, grad: bool) -> int:
+        """Run the step; returns the total FLOPs (forward, plus backward when ``grad``)."""
+        handles = []
+        for i, (_, unit) in enumerate(units):
+            handles.append(unit.register_forward_pre_hook(self.pre_hook(i)))
+            handles.append(unit.register_forward_hook(self.post_hook(i)))
+        try:
+            with (
+                self.t,
+                FlopCounterMode(display=False) as self.counter,
+                saved_tensors_hooks(self.pack, lambda t: t),
+                torch.set_grad_enabled(grad),
+            ):
+                self._start = self.t.reset_window()
+                out = model(inputs)
+                if not grad:
+                    return self.counter.get_total_flops()
+                loss = spec.training_loss(out)
+                self.tail_fwd_peak = self.t.window_peak - self._start
+                del out
+                self._start = self.t.reset_window()
+                loss.backward()
+                self._close_backward_phase()
+                return self.counter.get_total_flops()
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _cast_inputs(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cast_inputs(o, dtype) for o in obj)
+    return obj
+
+
+def _sum(d: Mapping[int, int], keys=None) -> int:
+    return sum(v for k, v in d.items() if keys is None or k in keys)
+
+
+def profile_model(
+    spec: ModelSpec, batch_size: int, *, device: str | torch.device = "meta", dtype: str = "fp32"
+) -> ModelProfile:
+    """Profile one training step of ``spec`` at per-device ``batch_size``.
+
+    ``device="meta"`` is symbolic (no allocation); ``"cpu"`` or ``"cuda"`` run real tensors
+    through the same tracker. ``dtype`` is the training precision (``fp32``, ``fp16``,
+    ``bf16``), emulated as FSDP mixed precision runs it (BatchNorm in FP32).
+    """
+    if batch_size < 1:
+        raise FsdpkitError(f"batch size must be >= 1, got {batch_size}")
+    if dtype not in DTYPES:
+        raise FsdpkitError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    t0 = time.perf_counter()
+    device = torch.device(device)
+    model = emulate_mixed_precision(spec.build_model(device).train(), DTYPES[dtype])
+    units = spec.named_units(model)
+    inputs = _cast_inputs(spec.example_input(batch_size, device), DTYPES[dtype])
+    static = [*model.parameters(), *model.buffers(), *tree_leaves(inputs)]
+    excluded = {storage_key(s) for s in tensor_storages(static)}
+    tracker = LiveMemory()
+    tracker.register(static)
+    static_bytes = tracker.live
+
+    plain = _Trace(tracker, len(units), excluded)
+    step_flops = plain.run(spec, model, units, inputs, grad=True)
+    nograd = _Trace(LiveMemory(), len(units), excluded)
+    nograd.t.register(static)
+    nograd.run(spec, model, units, inputs, grad=False)
+    model.zero_grad(set_to_none=True)
+
+    in_units = {id(p) for _, u in units for p in u.parameters()}
+    params = list(model.parameters())
+    profiles = []
+    for i, (name, unit) in enumerate(units):
+        saved, ins, outs = plain.saved[i], plain.inputs[i], plain.outputs[i]
+        boundary = ins.keys() | outs.keys()
+        profiles.append(
+            UnitProfile(
+                name=name,
+                saved_bytes=sum(v for k, v in saved.items() if k not in boundary),
+                input_bytes=_sum(ins),
+                output_bytes=_sum(outs),
+                saves_input_bytes=_sum(saved, ins.keys()),
+                saves_output_bytes=_sum(saved, outs.keys() - ins.keys()),
+                fwd_peak_bytes=plain.fwd_peak[i],
+                fwd_nograd_peak_bytes=nograd.fwd_peak[i],
+                bwd_peak_bytes=plain.bwd_peak[i],
+                flops=plain.flops[i],
+                param_bytes=sum(p.nbytes for p in unit.parameters()),
+                param_numel=sum(p.numel() for p in unit.parameters()),
+            )
+        )
+    last_out = plain.outputs[-1].keys()
+    return ModelProfile(
+        model=spec.name,
+        batch_size=batch_size,
+        dtype=dtype,
+        device=str(device),
+        units=tuple(profiles),
+        static_bytes=static_bytes,
+        param_bytes=sum(p.nbytes for p in params),
+        tail_param_bytes=sum(p.nbytes for p in params if id(p) not in in_units),
+        param_numel=sum(p.numel() for p in params),
+        tail_param_numel=sum(p.numel() for p in params if id(p) not in in_units),
+        max_param_numel=max((p.numel() for p in params), default=0),
+        buffer_bytes=sum(b.nbytes for b in model.buffers()),
+        input_bytes=sum(t.nbytes for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)),
+        pre_saved_bytes=_sum(plain.saved["pre"]),
+        pre_peak_bytes=plain.pre_peak,
+        tail_saved_bytes=sum(v for k, v in plain.saved["tail"].items() if k not in last_out),
+        tail_saves_input_bytes=_sum(plain.saved["tail"], last_out),
+        tail_fwd_peak_bytes=plain.tail_fwd_peak,
+        tail_bwd_peak_bytes=plain.tail_bwd_peak,
+        step_flops=step_flops,
+        measured_peak_bytes=tracker.peak,
+        profile_time_s=time.perf_counter() - t0,
+    )
