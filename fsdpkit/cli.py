@@ -17,16 +17,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ._cli_plan import add_parsers as add_plan_parsers
+from ._console import stdout_console
 from .errors import FsdpkitError
 from .registry import available_models, get_model_spec
 from .summary import ModelSummary, summarize_model
 
 __all__ = ["main"]
-
-
-def stdout_console() -> Console:
-    """Terminal width on a terminal; 160 columns into pipes and logs, where nothing wraps."""
-    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _human(n: float) -> str:
@@ -119,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_models)
+    add_plan_parsers(sub)
     return parser
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from fsdpkit import FsdpkitError
 
@@ -84,18 +83,29 @@ class MemoryConfig:
             raise FsdpkitError("prefetch and overhead must be >= 0")
 
 
+ACT = "activations kept (plain units)"
+CKPT_IN = "inputs of checkpointed segments"
+RECOMP = "recomputed segment"
+TEMP = "temporaries (unit working set, gradients in flight)"
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One moment of the step: ``label`` (e.g. ``"bwd 3"``), static terms by name, and the
-    segment-local working bytes; ``prefix`` is filled in by :func:`estimate`."""
+    current segment's bytes by component (:data:`ACT`, :data:`CKPT_IN`, :data:`RECOMP`,
+    :data:`TEMP`). The activations kept by earlier segments (the prefix) come on top."""
 
     label: str
     static: dict[str, int]
-    local: int
+    parts: dict[str, int]
 
     @property
     def static_total(self) -> int:
         return sum(self.static.values())
+
+    @property
+    def local(self) -> int:
+        return sum(self.parts.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,9 +214,10 @@ def _boundary_kept(prof: ModelProfile, k: int, ckpt: list[bool | None], start: b
 
 def segment_events(
     prof: ModelProfile, statics: _Statics, s: int, e: int, ckpt: bool, prev_ckpt: bool | None
-) -> tuple[int, list[Event]]:
-    """Bytes segment ``[s, e)`` adds to the prefix, and its events (forward, recompute,
-    backward) with segment-local working bytes. ``prev_ckpt``: type of unit ``s - 1``."""
+) -> tuple[tuple[int, int], list[Event]]:
+    """Bytes segment ``[s, e)`` adds to the prefix as ``(plain activations, checkpoint
+    inputs)``, and its events (forward, recompute, backward) with segment-local bytes.
+    ``prev_ckpt``: type of unit ``s - 1`` (None for the first segment)."""
     u = prof.units
     types: list[bool | None] = [None] * len(u)
     if s > 0:
@@ -215,37 +226,40 @@ def segment_events(
         types[i] = ckpt
     kept = [_boundary_kept(prof, k, types, start=(ckpt and k == s)) for k in range(s, e)]
     inner = [max(u[k - 1].saves_output_bytes, u[k].saves_input_bytes) for k in range(s + 1, e)]
+    held = kept[0] if ckpt else 0  # the checkpointed segment's input
     events: list[Event] = []
     stored = 0
     for i in range(s, e):
         fwd = u[i].fwd_nograd_peak_bytes if ckpt else u[i].fwd_peak_bytes
-        events.append(Event(f"fwd {i}", statics.fwd(i), stored + u[i].input_bytes + fwd))
-        stored += kept[i - s] + (0 if ckpt else u[i].saved_bytes)
-    grad_out = u[e - 1].output_bytes
-    if ckpt:  # recompute the segment in grad mode, holding its input and the output gradient
-        held = kept[0] + grad_out
+        parts = {ACT: stored, CKPT_IN: held if i > s else 0, TEMP: u[i].input_bytes + fwd}
+        events.append(Event(f"fwd {i}", statics.fwd(i), parts))
+        if not ckpt:
+            stored += kept[i - s] + u[i].saved_bytes
+    grad_out = u[e - 1].output_bytes  # gradient of the segment's output
+    if ckpt:  # recompute in grad mode, holding the input and the output gradient
         recomputed = 0
         for i in range(s, e):
             live_in = u[i].input_bytes if i > s else 0
-            events.append(
-                Event(f"recompute {i}", statics.bwd(e - 1),
-                      held + recomputed + live_in + u[i].fwd_peak_bytes)
-            )  # fmt: skip
+            parts = {
+                CKPT_IN: held,
+                RECOMP: recomputed,
+                TEMP: grad_out + live_in + u[i].fwd_peak_bytes,
+            }
+            events.append(Event(f"recompute {i}", statics.bwd(e - 1), parts))
             recomputed += u[i].saved_bytes + (inner[i - s - 1] if i > s else 0)
     for i in range(e - 1, s - 1, -1):
-        # Kept before unit i: everything of units s..i-1 (recomputed if checkpointed) and the
-        # boundaries s..i, then unit i's own saves and its output gradient.
-        own = (
-            sum(u[j].saved_bytes for j in range(s, i))
-            + (kept[0] if ckpt else sum(kept[: i - s + 1]))
-            + (sum(inner[: i - s]) if ckpt else 0)
-            + u[i].saved_bytes
-            + u[i].saves_output_bytes
-            + u[i].output_bytes  # gradient of the output
-        )
-        events.append(Event(f"bwd {i}", statics.bwd(i), own + u[i].bwd_peak_bytes))
-    del grad_out
-    return stored, events
+        # Kept while unit i runs backward: units s..i-1 (recomputed if checkpointed) and the
+        # boundaries s..i, unit i's own saves; in flight: its output gradient and temporaries.
+        before = sum(u[j].saved_bytes for j in range(s, i))
+        before += sum(inner[: i - s]) if ckpt else sum(kept[: i - s + 1])
+        own = before + u[i].saved_bytes + u[i].saves_output_bytes
+        parts = {
+            RECOMP if ckpt else ACT: own,
+            CKPT_IN: held,
+            TEMP: u[i].output_bytes + u[i].bwd_peak_bytes,
+        }
+        events.append(Event(f"bwd {i}", statics.bwd(i), parts))
+    return ((0, held) if ckpt else (stored, 0)), events
 
 
 def tail_events(prof: ModelProfile, statics: _Statics, last_ckpt: bool) -> tuple[int, list[Event]]:
@@ -259,8 +273,8 @@ def tail_events(prof: ModelProfile, statics: _Statics, last_ckpt: bool) -> tuple
     out_bytes = prof.units[-1].output_bytes if n else 0
     after_fwd = kept + prof.tail_saved_bytes
     events = [
-        Event("fwd tail", statics.fwd(n), out_bytes + prof.tail_fwd_peak_bytes),
-        Event("bwd tail", statics.bwd(n), after_fwd + prof.tail_bwd_peak_bytes),
+        Event("fwd tail", statics.fwd(n), {TEMP: out_bytes + prof.tail_fwd_peak_bytes}),
+        Event("bwd tail", statics.bwd(n), {ACT: after_fwd, TEMP: prof.tail_bwd_peak_bytes}),
     ]
     return after_fwd, events
 
@@ -301,29 +315,28 @@ def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> 
     n = len(prof.units)
     segments = normalize_segments(segments, n)
     statics = _Statics(prof, cfg)
-    timeline: list[tuple[str, int, Event]] = []
-    prefix = prof.pre_saved_bytes
-    timeline.append(("pre", 0, Event("pre", statics.fwd(0), prof.pre_peak_bytes)))
-    backward: list[tuple[int, list[Event], bool]] = []
+    timeline: list[tuple[tuple[int, int], Event]] = []
+    timeline.append(((0, 0), Event("pre", statics.fwd(0), {TEMP: prof.pre_peak_bytes})))
+    prefix = (prof.pre_saved_bytes, 0)  # (plain activations, checkpoint inputs) kept so far
+    backward: list[tuple[tuple[int, int], list[Event]]] = []
     prev: bool | None = None
     for s, e, c in segments:
         stored, events = segment_events(prof, statics, s, e, c, prev)
-        fwd = [ev for ev in events if ev.label.startswith("fwd")]
-        timeline += [(ev.label, prefix, ev) for ev in fwd]
-        backward.append((prefix, [ev for ev in events if not ev.label.startswith("fwd")], c))
-        prefix += stored
+        timeline += [(prefix, ev) for ev in events if ev.label.startswith("fwd")]
+        backward.append((prefix, [ev for ev in events if not ev.label.startswith("fwd")]))
+        prefix = (prefix[0] + stored[0], prefix[1] + stored[1])
         prev = c
-    tail_stored, (tail_fwd, tail_bwd) = tail_events(prof, statics, bool(prev))
-    timeline += [(tail_fwd.label, prefix, tail_fwd), (tail_bwd.label, prefix, tail_bwd)]
-    for seg_prefix, events, _ in reversed(backward):
-        timeline += [(ev.label, seg_prefix, ev) for ev in events]
-    opt = Event("optimizer step", statics.optimizer_step(), 0)
-    timeline.append((opt.label, 0, opt))
-    totals = [(label, pre + ev.static_total + ev.local) for label, pre, ev in timeline]
+    _, tail = tail_events(prof, statics, bool(prev))
+    timeline += [(prefix, ev) for ev in tail]
+    for seg_prefix, events in reversed(backward):
+        timeline += [(seg_prefix, ev) for ev in events]
+    timeline.append(((0, 0), Event("optimizer step", statics.optimizer_step(), {})))
+    totals = [(ev.label, sum(pre) + ev.static_total + ev.local) for pre, ev in timeline]
     k = max(range(len(totals)), key=lambda j: totals[j][1])
-    label, pre, ev = timeline[k]
-    breakdown: dict[str, Any] = dict(ev.static)
-    breakdown["stored activations (earlier units)"] = pre
-    breakdown["working set (current segment + temporaries)"] = ev.local
-    del tail_stored
-    return MemoryEstimate(totals[k][1], label, breakdown, totals)
+    pre, ev = timeline[k]
+    breakdown = dict(ev.static)
+    for name in (ACT, CKPT_IN, RECOMP, TEMP):
+        breakdown[name] = ev.parts.get(name, 0)
+    breakdown[ACT] += pre[0]
+    breakdown[CKPT_IN] += pre[1]
+    return MemoryEstimate(totals[k][1], ev.label, breakdown, totals)

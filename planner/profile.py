@@ -21,6 +21,7 @@ On ``meta`` nothing is allocated, so ``regnet10b`` at batch 16 profiles on a lap
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -29,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
 
 from fsdpkit import FsdpkitError, ModelSpec
 
@@ -197,7 +198,6 @@ class _Trace:
         self.bwd_peak = [0] * n
         self.flops = [0] * n
         self.pre_peak = self.tail_fwd_peak = self.tail_bwd_peak = 0
-        self.counter: FlopCounterMode | None = None
         self._start = self._flops_at = 0
         self._bwd_unit = n  # unit whose backward runs now; n = the tail
 
@@ -222,7 +222,7 @@ class _Trace:
             self.inputs[i] = self._storages(args)
             self.current = i
             self._start = self.t.reset_window()
-            self._flops_at = self.counter.get_total_flops()
+            self._flops_at = self.t.flops
 
         return hook
 
@@ -230,7 +230,7 @@ class _Trace:
         def hook(_m, _args, out):
             self.outputs[i] = self._storages(out)
             self.fwd_peak[i] = self.t.window_peak - self._start
-            self.flops[i] = self.counter.get_total_flops() - self._flops_at
+            self.flops[i] = self.t.flops - self._flops_at
             self.current = "tail"
             self._start = self.t.reset_window()
             if torch.is_grad_enabled():
@@ -270,24 +270,45 @@ class _Trace:
         try:
             with (
                 self.t,
-                FlopCounterMode(display=False) as self.counter,
                 saved_tensors_hooks(self.pack, lambda t: t),
                 torch.set_grad_enabled(grad),
             ):
                 self._start = self.t.reset_window()
                 out = model(inputs)
                 if not grad:
-                    return self.counter.get_total_flops()
+                    return self.t.flops
                 loss = spec.training_loss(out)
                 self.tail_fwd_peak = self.t.window_peak - self._start
                 del out
                 self._start = self.t.reset_window()
                 loss.backward()
                 self._close_backward_phase()
-                return self.counter.get_total_flops()
+                return self.t.flops
         finally:
             for h in handles:
                 h.remove()
+
+
+@contextlib.contextmanager
+def _fused_attention_on_meta():
+    """On meta, ``scaled_dot_product_attention`` has no fused kernel to pick and falls back to
+    the math path, which saves the (T × T) attention matrix; real devices run a fused
+    (flash-style) kernel that saves only the output and the log-sum-exp. Route meta calls to
+    the fused CPU kernel, whose saved tensors match what real devices keep."""
+    original = F.scaled_dot_product_attention
+
+    def routed(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if q.is_meta and not kw.get("enable_gqa", False):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
+            )[0]
+        return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
+
+    F.scaled_dot_product_attention = routed
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _cast_inputs(obj: Any, dtype: torch.dtype) -> Any:
@@ -327,10 +348,11 @@ def profile_model(
     static_bytes = tracker.live
 
     plain = _Trace(tracker, len(units), excluded)
-    step_flops = plain.run(spec, model, units, inputs, grad=True)
     nograd = _Trace(LiveMemory(), len(units), excluded)
     nograd.t.register(static)
-    nograd.run(spec, model, units, inputs, grad=False)
+    with _fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext():
+        step_flops = plain.run(spec, model, units, inputs, grad=True)
+        nograd.run(spec, model, units, inputs, grad=False)
     model.zero_grad(set_to_none=True)
 
     in_units = {id(p) for _, u in units for p in u.parameters()}

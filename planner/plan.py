@@ -1,0 +1,128 @@
+"""The checkpoint plan: a frozen, JSON-serialisable result that the FSDP wrapper consumes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fsdpkit import FsdpkitError
+
+from .memory import MemoryConfig, Segment, estimate
+from .profile import ModelProfile
+
+__all__ = ["Plan", "make_plan"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """Which segments of a model's unit chain are checkpointed, and what that costs.
+
+    ``segments``: ``(start, end_exclusive, checkpointed)`` tiling ``units`` (module names).
+    Bytes are per rank; ``peak_bytes`` and ``breakdown`` are the memory model's prediction at
+    the step's peak; ``recompute_flops`` are the forward FLOPs run again in backward, and
+    ``step_flops`` the FLOPs of a plain step (forward + backward).
+    """
+
+    model: str
+    objective: str
+    units: tuple[str, ...]
+    segments: tuple[Segment, ...]
+    activation_bytes: tuple[int, ...]
+    batch_size: int
+    dtype: str
+    world_size: int
+    sharded: bool
+    budget_bytes: int
+    peak_bytes: int
+    peak_event: str
+    peak_bytes_without_checkpointing: int
+    breakdown: Mapping[str, int]
+    breakdown_without_checkpointing: Mapping[str, int]
+    recompute_flops: int
+    step_flops: int
+    solver_time_s: float
+    max_segment_bytes: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes
+
+    @property
+    def recompute_fraction(self) -> float:
+        return self.recompute_flops / self.step_flops if self.step_flops else 0.0
+
+    @property
+    def checkpointed_units(self) -> list[int]:
+        return [i for s, e, c in self.segments if c for i in range(s, e)]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["segments"] = [list(s) for s in self.segments]
+        d.update(fits=self.fits, recompute_fraction=self.recompute_fraction)
+        return d
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], origin: str = "plan") -> Plan:
+        try:
+            kwargs = {k: v for k, v in data.items() if k not in ("fits", "recompute_fraction")}
+            kwargs["units"] = tuple(kwargs["units"])
+            kwargs["segments"] = tuple((int(s), int(e), bool(c)) for s, e, c in data["segments"])
+            kwargs["activation_bytes"] = tuple(kwargs["activation_bytes"])
+            kwargs["notes"] = tuple(kwargs.get("notes", ()))
+            return cls(**kwargs)
+        except (KeyError, TypeError, ValueError) as e:
+            raise FsdpkitError(f"{origin}: not an fsdpkit plan ({type(e).__name__}: {e})") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()), str(path))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FsdpkitError(f"{path}: cannot read plan: {e}") from None
+
+
+def make_plan(
+    prof: ModelProfile,
+    segments: Sequence[Segment],
+    cfg: MemoryConfig,
+    *,
+    budget_bytes: int,
+    objective: str,
+    solver_time_s: float = 0.0,
+    max_segment_bytes: int | None = None,
+    notes: Sequence[str] = (),
+) -> Plan:
+    """Evaluate ``segments`` with the memory model and wrap the result as a :class:`Plan`."""
+    n = len(prof.units)
+    est = estimate(prof, list(segments), cfg)
+    plain = estimate(prof, [(0, n, False)], cfg)
+    segs = tuple((s, e, c) for s, e, c in segments)
+    return Plan(
+        model=prof.model,
+        objective=objective,
+        units=tuple(prof.unit_names),
+        segments=segs,
+        activation_bytes=tuple(u.activation_bytes for u in prof.units),
+        batch_size=prof.batch_size,
+        dtype=prof.dtype,
+        world_size=cfg.world_size,
+        sharded=cfg.sharded,
+        budget_bytes=budget_bytes,
+        peak_bytes=est.peak_bytes,
+        peak_event=est.peak_event,
+        peak_bytes_without_checkpointing=plain.peak_bytes,
+        breakdown=est.breakdown,
+        breakdown_without_checkpointing=plain.breakdown,
+        recompute_flops=sum(u.flops for s, e, c in segs if c for u in prof.units[s:e]),
+        step_flops=prof.step_flops,
+        solver_time_s=solver_time_s,
+        max_segment_bytes=max_segment_bytes,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,167 @@
+"""Profiler and memory model against real CPU steps (the accuracy target is 5%)."""
+
+import json
+
+import pytest
+import torch
+
+from fsdpkit import FsdpkitError, get_model_spec
+from fsdpkit.ac import apply_ac, remove_ac
+from planner import (
+    MemoryConfig,
+    ModelProfile,
+    emulate_mixed_precision,
+    estimate,
+    measure_step,
+    plan_checkpoints,
+    profile_model,
+)
+
+# Single-process FP32 SGD(momentum, weight decay): what measure_step runs.
+STEP = MemoryConfig(optimizer="sgd", weight_decay=True)
+
+
+def test_symbolic_and_measured_cpu_profiles_agree():
+    spec = get_model_spec("tiny")
+    meta = profile_model(spec, 3, device="meta")
+    cpu = profile_model(spec, 3, device="cpu")
+    assert meta.units == cpu.units
+    assert meta.measured_peak_bytes == cpu.measured_peak_bytes
+
+
+@pytest.mark.parametrize("name", ["tiny", "toy_models:vit_spec"])
+def test_memory_model_reproduces_the_profiled_plain_step(name):
+    prof = profile_model(get_model_spec(name), 4)
+    n = len(prof.units)
+    est = estimate(prof, [(0, n, False)], MemoryConfig(optimizer="none"))
+    assert abs(est.peak_bytes - prof.measured_peak_bytes) <= 64
+
+
+def test_unit_flops_add_up_to_the_forward():
+    prof = profile_model(get_model_spec("tiny"), 2)
+    from seer_train.models import PRESETS
+
+    preset = PRESETS["tiny"]
+    analytic = sum(sum(c.flops for c in preset.regnet.unit_costs(s)) for s in preset.crop_sizes)
+    assert sum(u.flops for u in prof.units) == 2 * analytic  # batch 2
+
+
+def _plans(prof):
+    """No checkpointing, and the planner's plan for a budget halfway from the plain peak to
+    the lowest one checkpointing reaches (every unit its own segment)."""
+    n = len(prof.units)
+    plain = estimate(prof, [(0, n, False)], STEP).peak_bytes
+    lowest = estimate(prof, [(i, i + 1, True) for i in range(n)], STEP).peak_bytes
+    budget = (plain + lowest) // 2
+    plan = plan_checkpoints(prof, budget, STEP)
+    assert plan.fits and any(c for _, _, c in plan.segments)
+    return {"none": [(0, n, False)], "planned": list(plan.segments)}
+
+
+@pytest.mark.parametrize(
+    ("name", "batch"),
+    [("tiny", 4), ("tiny", 16), ("rg8gf", 1), ("rg8gf", 2), ("toy_models:vit_spec", 8)],
+)
+def test_predicted_peak_within_5_percent_of_a_real_cpu_step(name, batch):
+    spec = get_model_spec(name)
+    prof = profile_model(spec, batch)  # symbolic: meta device
+    for label, segments in _plans(prof).items():
+        predicted = estimate(prof, segments, STEP).peak_bytes
+        measured = measure_step(spec, batch, segments).peak_bytes
+        assert abs(predicted - measured) <= 0.05 * measured, (label, predicted, measured)
+
+
+def test_checkpointing_saves_what_the_plan_says():
+    spec = get_model_spec("tiny")
+    prof = profile_model(spec, 8)
+    plans = _plans(prof)
+    none = measure_step(spec, 8, plans["none"]).peak_bytes
+    planned = measure_step(spec, 8, plans["planned"]).peak_bytes
+    assert planned < none
+
+
+def test_apply_ac_keeps_outputs_and_gradients():
+    spec = get_model_spec("tiny")
+    torch.manual_seed(0)
+    model = spec.build_model("cpu").eval()  # eval: BN statistics untouched by recompute
+    x = spec.example_input(2, torch.device("cpu"))
+    ref = spec.training_loss(model(x))
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    class P:
+        units = tuple(n for n, _ in spec.named_units(model))
+        segments = ((0, 2, True), (2, 3, False), (3, 6, True))
+
+    assert apply_ac(model, P) == 2
+    loss = spec.training_loss(model(x))
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    for p, g in zip(model.parameters(), ref_grads, strict=True):
+        torch.testing.assert_close(p.grad, g)
+    remove_ac(model, P)
+    assert "forward" not in model.trunk.units[1].__dict__
+
+
+def test_apply_ac_rejects_a_plan_for_another_model():
+    model = get_model_spec("toy_models:vit_spec").build_model("meta")
+
+    class P:
+        units = ("trunk.units.0", "trunk.units.1")
+        segments = ((0, 2, True),)
+
+    with pytest.raises(FsdpkitError, match=r"no unit 'trunk\.units\.0'"):
+        apply_ac(model, P)
+
+    class Empty:
+        units = ()
+        segments = ()
+
+    with pytest.raises(FsdpkitError, match="no units"):
+        apply_ac(model, Empty)
+
+
+def test_mixed_precision_emulation_keeps_batchnorm_in_fp32():
+    model = emulate_mixed_precision(get_model_spec("tiny").build_model("meta"), torch.float16)
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            want = torch.float32 if isinstance(m, torch.nn.BatchNorm2d) else torch.float16
+            assert p.dtype == want
+    fp16 = profile_model(get_model_spec("tiny"), 4, dtype="fp16")
+    fp32 = profile_model(get_model_spec("tiny"), 4, dtype="fp32")
+    assert fp16.units[3].output_bytes * 2 == fp32.units[3].output_bytes
+
+
+def test_profile_json_round_trip_and_minimal_form(tmp_path):
+    prof = profile_model(get_model_spec("tiny"), 2)
+    path = tmp_path / "p.json"
+    prof.save(path)
+    assert ModelProfile.load(path) == prof
+    minimal = ModelProfile.from_json({"units": ["a", "b"], "activation_bytes": [10, 20]})
+    assert [u.activation_bytes for u in minimal.units] == [10, 20]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[1, 2]",
+        json.dumps({"units": ["a"]}),
+        json.dumps({"units": ["a"], "activation_bytes": [-1]}),
+    ],
+)
+def test_malformed_profiles_are_one_line_errors(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(FsdpkitError) as e:
+        ModelProfile.load(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_batch_and_dtype():
+    spec = get_model_spec("tiny")
+    with pytest.raises(FsdpkitError, match="batch size"):
+        profile_model(spec, 0)
+    with pytest.raises(FsdpkitError, match="dtype"):
+        profile_model(spec, 1, dtype="fp8")

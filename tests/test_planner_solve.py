@@ -1,0 +1,159 @@
+"""Solvers: exact against brute force (hypothesis), and every returned plan fits."""
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fsdpkit import FsdpkitError
+from planner import (
+    MemoryConfig,
+    ModelProfile,
+    UnitProfile,
+    estimate,
+    minmax_partition,
+    plan_checkpoints,
+    solve_minmax,
+    solve_recompute,
+    sqrt_segments,
+    static_floor_bytes,
+)
+
+
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=8), st.integers(1, 9))
+def test_minmax_partition_matches_brute_force(m, parts):
+    ranges, largest = minmax_partition(m, parts)
+    k = min(parts, len(m))
+    assert len(ranges) == k and ranges[0][0] == 0 and ranges[-1][1] == len(m)
+    assert all(s < e for s, e in ranges)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    assert largest == max(sum(m[s:e]) for s, e in ranges)
+    best = min(
+        max(sum(m[a:b]) for a, b in itertools.pairwise((0, *cuts, len(m))))
+        for cuts in itertools.combinations(range(1, len(m)), k - 1)
+    )
+    assert largest == best
+
+
+def _unit(draw, i):
+    b_in = draw(st.integers(0, 500))
+    b_out = draw(st.integers(0, 500))
+    return UnitProfile(
+        name=f"u{i}",
+        saved_bytes=draw(st.integers(0, 2000)),
+        input_bytes=b_in,
+        output_bytes=b_out,
+        saves_input_bytes=draw(st.sampled_from([0, b_in])),
+        saves_output_bytes=draw(st.sampled_from([0, b_out])),
+        fwd_peak_bytes=draw(st.integers(0, 3000)),
+        fwd_nograd_peak_bytes=draw(st.integers(0, 1000)),
+        bwd_peak_bytes=draw(st.integers(0, 3000)),
+        flops=draw(st.integers(1, 100)),
+        param_bytes=draw(st.integers(0, 400)),
+        param_numel=draw(st.integers(0, 100)),
+    )
+
+
+@st.composite
+def profiles(draw, max_units=5):
+    n = draw(st.integers(1, max_units))
+    units = tuple(_unit(draw, i) for i in range(n))
+    numel = sum(u.param_numel for u in units) + 10
+    return ModelProfile(
+        model="random", batch_size=1, dtype="fp32", device="meta", units=units,
+        static_bytes=4 * numel + 100, param_bytes=4 * numel, tail_param_bytes=40,
+        param_numel=numel, tail_param_numel=10, max_param_numel=max(numel // 2, 1),
+        buffer_bytes=50, input_bytes=50, pre_saved_bytes=draw(st.integers(0, 100)),
+        pre_peak_bytes=draw(st.integers(0, 500)), tail_saved_bytes=draw(st.integers(0, 300)),
+        tail_saves_input_bytes=draw(st.sampled_from([0, units[-1].output_bytes])),
+        tail_fwd_peak_bytes=draw(st.integers(0, 500)),
+        tail_bwd_peak_bytes=draw(st.integers(0, 500)), step_flops=1000,
+        measured_peak_bytes=0,
+    )  # fmt: skip
+
+
+configs = st.builds(
+    MemoryConfig,
+    world_size=st.integers(1, 4),
+    sharded=st.booleans(),
+    optimizer=st.sampled_from(["sgd", "adamw", "none"]),
+    prefetch=st.integers(0, 2),
+)
+
+
+def all_segmentations(n):
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+        ranges = list(itertools.pairwise(bounds))
+        for types in itertools.product([False, True], repeat=len(ranges)):
+            yield [(s, e, t) for (s, e), t in zip(ranges, types, strict=True)]
+
+
+def recompute(prof, segs):
+    return sum(u.flops for s, e, c in segs if c for u in prof.units[s:e])
+
+
+@given(profiles(), configs, st.floats(0.0, 1.0))
+def test_recompute_solver_is_the_exhaustive_optimum(prof, cfg, where):
+    n = len(prof.units)
+    plain = estimate(prof, [(0, n, False)], cfg).peak_bytes
+    floor = static_floor_bytes(prof, cfg)
+    budget = int(floor + where * (plain - floor))
+    feasible = [
+        recompute(prof, segs)
+        for segs in all_segmentations(n)
+        if estimate(prof, segs, cfg).peak_bytes <= budget
+    ]
+    got = solve_recompute(prof, cfg, budget)
+    if not feasible:
+        assert got is None
+        return
+    assert got is not None
+    assert estimate(prof, got, cfg).peak_bytes <= budget
+    assert recompute(prof, got) == min(feasible)
+
+
+@given(
+    profiles(max_units=7), configs, st.floats(0.0, 1.0), st.sampled_from(["recompute", "minmax"])
+)
+def test_a_plan_that_says_it_fits_fits(prof, cfg, where, objective):
+    n = len(prof.units)
+    plain = estimate(prof, [(0, n, False)], cfg).peak_bytes
+    floor = static_floor_bytes(prof, cfg)
+    budget = int(floor + where * (plain - floor))
+    plan = plan_checkpoints(prof, budget, cfg, objective=objective)
+    assert plan.peak_bytes == estimate(prof, list(plan.segments), cfg).peak_bytes
+    assert plan.fits == (plan.peak_bytes <= budget)
+    if objective == "recompute" and solve_recompute(prof, cfg, budget) is not None:
+        assert plan.fits
+    assert plan.peak_bytes_without_checkpointing == plain
+
+
+@given(profiles(max_units=7), configs)
+def test_minmax_raises_segments_until_it_fits(prof, cfg):
+    n = len(prof.units)
+    m = [u.activation_bytes for u in prof.units]
+    peaks = []
+    for s in range(1, n + 1):
+        ranges, _ = minmax_partition(m, s)
+        segs = [(a, b, k < len(ranges) - 1) for k, (a, b) in enumerate(ranges)]
+        peaks.append(estimate(prof, segs, cfg).peak_bytes)
+    budget = min(peaks)
+    segs, _ = solve_minmax(prof, cfg, budget)
+    assert len(segs) == peaks.index(budget) + 1  # the smallest S that fits
+
+
+@given(profiles())
+def test_budget_below_static_names_the_world_size_needed(prof):
+    cfg = MemoryConfig(world_size=1, sharded=True)
+    floor = static_floor_bytes(prof, cfg)
+    with pytest.raises(FsdpkitError, match=r"alone need .* world size >= \d+ needed"):
+        plan_checkpoints(prof, floor - 1, cfg)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 28, 100])
+def test_sqrt_segments_tile_the_chain(n):
+    segs = sqrt_segments(n)
+    assert segs[0][0] == 0 and segs[-1][1] == n and not segs[-1][2]
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(segs))
