@@ -57,7 +57,7 @@ def _profile(args: argparse.Namespace, device: str = "meta"):
     return spec, profile_model(spec, args.batch, device=device, dtype=args.dtype)
 
 
-def _config(args: argparse.Namespace, sharded: bool):
+def _config(args: argparse.Namespace, sharded: bool, overhead: bool = True):
     from planner import MemoryConfig
 
     return MemoryConfig(
@@ -65,7 +65,7 @@ def _config(args: argparse.Namespace, sharded: bool):
         sharded=sharded,
         optimizer=args.optimizer,
         prefetch=args.prefetch,
-        overhead_bytes=parse_bytes(args.overhead, "--overhead"),
+        overhead_bytes=parse_bytes(args.overhead, "--overhead") if overhead else 0,
     )
 
 
@@ -99,6 +99,7 @@ def _breakdown_table(plan) -> Table:
 def cmd_plan(args: argparse.Namespace) -> int:
     from planner import estimate, plan_checkpoints
     from planner.advise import largest_batch
+    from planner.solve import world_size_needed
 
     budget, budget_source = _budget(args)
     spec, prof = _profile(args)
@@ -108,6 +109,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out["budget_source"] = budget_source
     if not plan.fits:
         out["largest_batch_that_fits"] = largest_batch(prof, cfg, budget, spec)
+        out["world_size_needed"] = world_size_needed(prof, cfg, budget) if cfg.sharded else None
     if args.save:
         plan.save(args.save)
     if args.plot:
@@ -143,9 +145,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{plan.recompute_fraction:.1%} of the step's FLOPs"
     )
     if not plan.fits:
-        b = out["largest_batch_that_fits"]
+        b, w = out["largest_batch_that_fits"], out["world_size_needed"]
         console.print(
-            f"largest batch that fits: {b}" if b else "no batch fits: use a larger --gpu-mem"
+            (f"largest batch that fits: {b}" if b else "no batch fits")
+            + (f"; at batch {prof.batch_size}, world size >= {w} needed" if w else "")
         )
     return 0
 
@@ -156,7 +159,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     spec, prof = _profile(args, device=args.device)
     out = prof.to_json()
     n = len(prof.units)
-    cfg = _config(args, sharded=False)
+    cfg = _config(args, sharded=False, overhead=False)  # the step as measured: one process
     rows = []
     if args.device != "meta":  # predicted (symbolic) against measured (this device)
         _, sym = _profile(args, device="meta")

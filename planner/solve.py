@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "solve_minmax",
     "solve_recompute",
     "sqrt_segments",
+    "world_size_needed",
 ]
 
 OBJECTIVES = ("recompute", "minmax")
@@ -229,30 +231,41 @@ def plan_checkpoints(
 GIB = 2**30
 
 
+def world_size_needed(prof: ModelProfile, cfg: MemoryConfig, budget_bytes: int) -> int | None:
+    """Smallest world size at which some plan fits ``budget_bytes`` (sharded configs): the
+    static terms shrink with the world, activations do not. None when no world size helps."""
+
+    def fits(world: int) -> bool:
+        c = dataclasses.replace(cfg, world_size=world)
+        return (
+            static_floor_bytes(prof, c) <= budget_bytes
+            and solve_recompute(prof, c, budget_bytes) is not None
+        )
+
+    hi = max(cfg.world_size, 1)
+    while not fits(hi):
+        if hi >= 1 << 16:
+            return None
+        hi *= 2
+    lo = hi // 2
+    while lo + 1 < hi:  # memory falls as the world grows: bisect the last doubling
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
 def _static_message(prof: ModelProfile, cfg: MemoryConfig, floor: int, budget: int) -> str:
-    need = cfg.world_size
-    if cfg.sharded:
-        while need < 1 << 20:
-            need *= 2
-            trial = MemoryConfig(**{**_cfg_dict(cfg), "world_size": need})
-            if static_floor_bytes(prof, trial) <= budget:
-                lo = need // 2
-                while lo + 1 < need:  # binary search between the last two powers of two
-                    mid = (lo + need) // 2
-                    trial = MemoryConfig(**{**_cfg_dict(cfg), "world_size": mid})
-                    if static_floor_bytes(prof, trial) <= budget:
-                        need = mid
-                    else:
-                        lo = mid
-                break
-        where = f"world size >= {need} needed"
-    else:
-        where = "shard the model (FSDP) or use a larger device"
-    return (
-        f"parameters + gradients + optimizer state alone need {floor / GIB:.2f} GiB per rank at "
-        f"world size {cfg.world_size}; budget {budget / GIB:.2f} GiB; {where}"
+    msg = (
+        f"parameters + gradients + optimizer state alone need {floor / GIB:.2f} GiB per rank "
+        f"at world size {cfg.world_size}; budget {budget / GIB:.2f} GiB; "
     )
-
-
-def _cfg_dict(cfg: MemoryConfig) -> dict:
-    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    if not cfg.sharded:
+        return msg + "shard the model (FSDP) or use a larger device"
+    need = world_size_needed(prof, cfg, budget)
+    if need is None:
+        fixed = prof.input_bytes + prof.buffer_bytes + cfg.overhead_bytes
+        return msg + (
+            f"no world size helps: activations, inputs, buffers and the fixed overhead "
+            f"({fixed / GIB:.2f} GiB) do not shrink with it; lower --overhead or the batch"
+        )
+    return msg + f"world size >= {need} needed"
