@@ -29,9 +29,11 @@ test: lint
 
 demo: $(STAMP)
 	$(VENV)/bin/fsdpkit models
+	$(VENV)/bin/fsdpkit plan --model regnet10b --batch 16
 
 bench: $(STAMP)
 	$(PY) bench/bench_models.py
+	$(PY) bench/bench_planner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks

@@ -113,14 +113,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.save:
         plan.save(args.save)
     if args.plot:
-        from planner.plot import plot_timelines
+        from planner.plot import plot_timelines, predicted_points
 
         n = len(prof.units)
         plot_timelines(
             args.plot,
             {
-                "no checkpointing": [b for _, b in estimate(prof, [(0, n, False)], cfg).timeline],
-                plan.objective: [b for _, b in estimate(prof, list(plan.segments), cfg).timeline],
+                "no checkpointing": predicted_points(estimate(prof, [(0, n, False)], cfg).timeline),
+                plan.objective: predicted_points(estimate(prof, list(plan.segments), cfg).timeline),
             },
             title=f"{prof.model}, batch {prof.batch_size}, {prof.dtype}, world size "
             f"{cfg.world_size} (predicted)",
@@ -174,17 +174,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.save:
         prof.save(args.save)
     if args.plot:
-        from planner.plot import plot_timelines
+        from planner.plot import plot_timelines, predicted_points
 
         budget, _ = _budget(args)
         plan = plan_checkpoints(prof, budget, cfg)
         series = {
-            "no checkpointing (predicted)": [
-                b for _, b in estimate(prof, [(0, n, False)], cfg).timeline
-            ],
-            f"planned, {fb(budget)} (predicted)": [
-                b for _, b in estimate(prof, list(plan.segments), cfg).timeline
-            ],
+            "no checkpointing (predicted)": predicted_points(
+                estimate(prof, [(0, n, False)], cfg).timeline
+            ),
+            f"planned for {fb(budget)} (predicted)": predicted_points(
+                estimate(prof, list(plan.segments), cfg).timeline
+            ),
         }
         if args.device == "cpu":
             for label, segs in (("no checkpointing", [(0, n, False)]), ("planned", plan.segments)):

@@ -8,6 +8,7 @@ peak comes from :class:`~planner.tracker.LiveMemory` over the real tensors; on C
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,11 +25,12 @@ __all__ = ["MeasuredStep", "measure_step"]
 
 @dataclass(frozen=True, slots=True)
 class MeasuredStep:
-    """``peak_bytes``: the step's peak; ``timeline``: live bytes after each change (CPU only)."""
+    """``peak_bytes``: the step's peak; ``timeline``: ``(seconds since the step began, live
+    bytes)`` after each allocation or free (CPU and meta only)."""
 
     peak_bytes: int
     device: str
-    timeline: list[int]
+    timeline: list[tuple[float, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +76,11 @@ def measure_step(
     tracker = LiveMemory()
     state = [t for st in opt.state.values() for t in tree_leaves(st) if torch.is_tensor(t)]
     tracker.register([*model.parameters(), *model.buffers(), *tree_leaves(inputs), *state])
-    points: list[int] = []
+    points: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
     if timeline:
-        tracker.on_update = points.append
+        tracker.on_update = lambda live: points.append((time.perf_counter() - t0, live))
     with tracker:
         step()
+    tracker.on_update = None  # frees after the step (the model going away) are not part of it
     return MeasuredStep(tracker.peak, str(dev), points)

@@ -110,12 +110,13 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class MemoryEstimate:
-    """Predicted peak (bytes) of a plan, the breakdown at that moment, and the timeline."""
+    """Predicted peak (bytes) of a plan, the breakdown at that moment, and the timeline:
+    ``(event label, bytes, FLOPs the event runs)`` in step order (FLOPs stand in for time)."""
 
     peak_bytes: int
     peak_event: str
     breakdown: dict[str, int]
-    timeline: list[tuple[str, int]] = field(repr=False)
+    timeline: list[tuple[str, int, int]] = field(repr=False)
 
 
 def _elem(dtype: str) -> int:
@@ -306,6 +307,19 @@ def normalize_segments(segments: list[Segment], n: int) -> list[Segment]:
     return out
 
 
+def _event_flops(prof: ModelProfile, label: str) -> int:
+    """FLOPs an event runs (a stand-in for its duration): backward costs twice the forward."""
+    kind, _, where = label.partition(" ")
+    units_fwd = sum(u.flops for u in prof.units)
+    if where == "tail":
+        fwd = max(prof.step_flops // 3 - units_fwd, 0)
+    elif where.isdigit():
+        fwd = prof.units[int(where)].flops
+    else:
+        return 0
+    return 2 * fwd if kind == "bwd" else fwd
+
+
 def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> MemoryEstimate:
     """Replay one step under ``segments``: predicted peak, its breakdown, and the timeline.
 
@@ -331,7 +345,10 @@ def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> 
     for seg_prefix, events in reversed(backward):
         timeline += [(seg_prefix, ev) for ev in events]
     timeline.append(((0, 0), Event("optimizer step", statics.optimizer_step(), {})))
-    totals = [(ev.label, sum(pre) + ev.static_total + ev.local) for pre, ev in timeline]
+    totals = [
+        (ev.label, sum(pre) + ev.static_total + ev.local, _event_flops(prof, ev.label))
+        for pre, ev in timeline
+    ]
     k = max(range(len(totals)), key=lambda j: totals[j][1])
     pre, ev = timeline[k]
     breakdown = dict(ev.static)

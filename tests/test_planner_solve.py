@@ -1,6 +1,8 @@
 """Solvers: exact against brute force (hypothesis), and every returned plan fits."""
 
+import dataclasses
 import itertools
+import re
 
 import pytest
 from hypothesis import given
@@ -145,11 +147,23 @@ def test_minmax_raises_segments_until_it_fits(prof, cfg):
 
 
 @given(profiles())
-def test_budget_below_static_names_the_world_size_needed(prof):
+def test_budget_below_static_is_refused_with_what_would_help(prof):
     cfg = MemoryConfig(world_size=1, sharded=True)
-    floor = static_floor_bytes(prof, cfg)
-    with pytest.raises(FsdpkitError, match=r"alone need .* world size >= \d+ needed"):
-        plan_checkpoints(prof, floor - 1, cfg)
+    budget = static_floor_bytes(prof, cfg) - 1
+
+    def feasible(world):
+        c = dataclasses.replace(cfg, world_size=world)
+        return static_floor_bytes(prof, c) <= budget and solve_recompute(prof, c, budget)
+
+    with pytest.raises(FsdpkitError, match="alone need") as e:
+        plan_checkpoints(prof, budget, cfg)
+    m = re.search(r"world size >= (\d+) needed", str(e.value))
+    if m:  # the smallest world size that works
+        w = int(m.group(1))
+        assert feasible(w) and not feasible(w - 1)
+    else:
+        assert "no world size helps" in str(e.value)
+        assert not feasible(1 << 16)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 28, 100])
