@@ -169,8 +169,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
                  pm.fwd_peak_bytes, ps.bwd_peak_bytes, pm.bwd_peak_bytes)
             )  # fmt: skip
         predicted = estimate(sym, [(0, n, False)], cfg).peak_bytes
-        measured = measure_step(spec, args.batch, [(0, n, False)], device=args.device).peak_bytes
-        out["comparison"] = {"predicted_peak_bytes": predicted, "measured_peak_bytes": measured}
+        step = measure_step(spec, args.batch, [(0, n, False)], device=args.device)
+        out["comparison"] = {
+            "predicted_peak_bytes": predicted,
+            "measured_peak_bytes": step.peak_bytes,
+            **step.extra,
+        }
     if args.save:
         prof.save(args.save)
     if args.plot:
@@ -220,9 +224,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         console.print(cmp)
         c = out["comparison"]
         err = (c["predicted_peak_bytes"] - c["measured_peak_bytes"]) / c["measured_peak_bytes"]
+        extra = "".join(f"; {k.removesuffix('_bytes')} {fb(v)}" for k, v in c.items()
+                        if k not in ("predicted_peak_bytes", "measured_peak_bytes"))  # fmt: skip
         console.print(
             f"step peak: predicted {fb(c['predicted_peak_bytes'])}, measured "
-            f"{fb(c['measured_peak_bytes'])} ({err:+.2%})"
+            f"{fb(c['measured_peak_bytes'])} ({err:+.2%}){extra}"
         )
     return 0
 

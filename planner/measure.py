@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -31,12 +31,28 @@ class MeasuredStep:
     peak_bytes: int
     device: str
     timeline: list[tuple[float, int]]
+    extra: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class _Segments:
     units: tuple[str, ...]
     segments: tuple[tuple[int, int, bool], ...]
+
+
+def _nvml_used_bytes(index: int) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(
+                pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used
+            )
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library or no device: the allocator's figures stand alone
+        return None
 
 
 def measure_step(
@@ -72,7 +88,11 @@ def measure_step(
         torch.cuda.reset_peak_memory_stats(dev)
         step()
         torch.cuda.synchronize(dev)
-        return MeasuredStep(torch.cuda.max_memory_allocated(dev), str(dev), [])
+        extra = {"max_reserved_bytes": torch.cuda.max_memory_reserved(dev)}
+        used = _nvml_used_bytes(dev.index or 0)
+        if used is not None:  # the device's view: context, allocator cache, other processes
+            extra["nvml_used_bytes"] = used
+        return MeasuredStep(torch.cuda.max_memory_allocated(dev), str(dev), [], extra)
     tracker = LiveMemory()
     state = [t for st in opt.state.values() for t in tree_leaves(st) if torch.is_tensor(t)]
     tracker.register([*model.parameters(), *model.buffers(), *tree_leaves(inputs), *state])
