@@ -1,11 +1,16 @@
 """fsdpkit: the scaling core for giant vision models.
 
 Public API: the model registry (:class:`ModelSpec`, :func:`get_model_spec`,
-:func:`available_models`), meta-device summaries (:func:`summarize_model`) and the user-facing
-errors. The multi-process test harness lives in :mod:`fsdpkit.testing`.
+:func:`available_models`), meta-device summaries (:func:`summarize_model`), plan-driven
+activation checkpointing (:func:`apply_ac`), :class:`LARC` for sharded parameters,
+:class:`CommCounter`, and the user-facing errors. The multi-process test harness lives in
+:mod:`fsdpkit.testing`.
 """
 
+from .ac import apply_ac, remove_ac
+from .comm import CommCounter
 from .errors import FsdpkitError, ModelNotFoundError, ModelSpecError
+from .larc import LARC
 from .registry import (
     ENTRY_POINT_GROUP,
     ModelSpec,
@@ -19,14 +24,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "LARC",
+    "CommCounter",
     "FsdpkitError",
     "ModelNotFoundError",
     "ModelSpec",
     "ModelSpecError",
     "ModelSummary",
+    "apply_ac",
     "available_models",
     "count_forward_flops",
     "default_loss",
     "get_model_spec",
+    "remove_ac",
     "summarize_model",
 ]

@@ -39,3 +39,20 @@ def sleep_forever(pid_dir: str) -> None:
 
 def unpicklable_result():
     return lambda: None
+
+
+def count_collectives():
+    from torch.distributed.fsdp import fully_shard
+
+    from fsdpkit import CommCounter
+
+    m = torch.nn.Linear(4, 3)
+    fully_shard(m)
+    with CommCounter() as c:
+        t = torch.ones(5)
+        dist.all_reduce(t)
+        out = torch.empty(5 * dist.get_world_size())
+        dist.all_gather_into_tensor(out, t)
+        dist.reduce_scatter_tensor(torch.empty(5), out)
+        m.weight.full_tensor()  # DTensor: a functional all-gather (padded to 2 rows per rank)
+    return dict(c.counts), dict(c.bytes)
