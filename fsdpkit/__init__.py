@@ -10,6 +10,7 @@ activation checkpointing (:func:`apply_ac`), :class:`LARC` for sharded parameter
 from .ac import apply_ac, remove_ac
 from .comm import CommCounter
 from .errors import FsdpkitError, ModelNotFoundError, ModelSpecError
+from .fsdp import FSDPPolicy, apply_fsdp, parallelize, set_prefetch
 from .larc import LARC
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -19,6 +20,7 @@ from .registry import (
     get_model_spec,
 )
 from .summary import ModelSummary, count_forward_flops, summarize_model
+from .syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 __version__ = "0.1.0"
 
@@ -26,16 +28,22 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "LARC",
     "CommCounter",
+    "FSDPPolicy",
     "FsdpkitError",
     "ModelNotFoundError",
     "ModelSpec",
     "ModelSpecError",
     "ModelSummary",
+    "SyncBatchNorm",
     "apply_ac",
+    "apply_fsdp",
     "available_models",
+    "convert_sync_batchnorm",
     "count_forward_flops",
     "default_loss",
     "get_model_spec",
+    "parallelize",
     "remove_ac",
+    "set_prefetch",
     "summarize_model",
 ]

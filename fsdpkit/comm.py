@@ -58,14 +58,14 @@ _NAMESPACES = {"c10d", "_c10d_functional", "_c10d_functional_autograd"}
 
 class CommCounter(TorchDispatchMode):
     """``counts[kind]`` calls, ``numel[kind]`` elements and ``bytes[kind]`` payload bytes;
-    ``calls`` lists ``(kind, numel)`` in order."""
+    ``calls`` lists ``(kind, operator, numel, bytes)`` in order."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
         self.numel: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
-        self.calls: list[tuple[str, int]] = []
+        self.calls: list[tuple[str, str, int, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -79,10 +79,11 @@ class CommCounter(TorchDispatchMode):
                 payload = []
             tensors = [t for t in tree_leaves(payload) if isinstance(t, torch.Tensor)]
             numel = sum(t.numel() for t in tensors)
+            nbytes = sum(t.numel() * t.element_size() for t in tensors)
             self.counts[kind] += 1
             self.numel[kind] += numel
-            self.bytes[kind] += sum(t.numel() * t.element_size() for t in tensors)
-            self.calls.append((kind, numel))
+            self.bytes[kind] += nbytes
+            self.calls.append((kind, func._opname, numel, nbytes))
         return out
 
     def summary(self) -> dict[str, Any]:

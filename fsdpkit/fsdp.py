@@ -1,0 +1,153 @@
+"""FSDP2 (``fully_shard``) applied the way SEER needs it, in one call.
+
+:func:`parallelize` runs, in this fixed order:
+
+1. ``convert_sync_batchnorm`` (module replacement must precede sharding);
+2. :func:`~fsdpkit.ac.apply_ac` with the plan (hooks first, so checkpointing sits *inside*
+   each sharded unit and recomputation re-uses the unit's all-gather);
+3. :func:`apply_fsdp`, bottom-up: every BatchNorm as its own FP32 unit, then every unit of the
+   chain in the policy's dtype, then FP32 modules (SwAV head, prototypes), the root last;
+4. prefetch wiring (:func:`set_prefetch`): unit *i* all-gathers units *i+1..i+k* in forward
+   and *i-1..i-k* in backward, so communication overlaps compute.
+
+Memory: parameters, gradients and optimizer state are sharded (÷ world size); at any time a
+rank holds the un-sharded parameters of the running unit and of the ``prefetch`` next ones, in
+the all-gather dtype (FP16/BF16: half the bytes of FP32). BatchNorm all-gathers its (small)
+parameters separately in FP32 and always normalises in FP32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .ac import CheckpointPlan, apply_ac
+from .errors import FsdpkitError
+from .syncbn import convert_sync_batchnorm
+
+__all__ = ["DTYPES", "FSDPPolicy", "apply_fsdp", "parallelize", "set_prefetch"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FSDPPolicy:
+    """How :func:`apply_fsdp` shards a model.
+
+    param_dtype: dtype units are all-gathered and computed in (``fp16``, ``bf16``, ``fp32``).
+        With ``fp16``, scale the loss with ``torch.amp.GradScaler``.
+    reduce_dtype: dtype gradients are reduce-scattered in (FP32 by default).
+    fp32_modules: qualified names of submodules kept entirely in FP32 (SEER: ``head``,
+        ``prototypes``); BatchNorm is always FP32.
+    prefetch: units all-gathered ahead, in forward and in backward (0: none).
+    reshard_after_forward: free un-sharded parameters after each unit's forward (re-gathered
+        in backward); False keeps them, trading memory for one all-gather per unit.
+    sync_bn_group_size: ranks per SyncBatchNorm group (None or 0: all; 1: local BatchNorm;
+        -1: leave BatchNorm modules as they are).
+    """
+
+    param_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
+    fp32_modules: tuple[str, ...] = field(default=())
+    prefetch: int = 1
+    reshard_after_forward: bool = True
+    sync_bn_group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise FsdpkitError(f"FSDPPolicy.{name} must be one of {', '.join(DTYPES)}")
+        if self.prefetch < 0:
+            raise FsdpkitError(f"FSDPPolicy.prefetch must be >= 0, got {self.prefetch}")
+
+
+def _mp(param: str, reduce: str, output: str | None = None) -> MixedPrecisionPolicy:
+    return MixedPrecisionPolicy(
+        param_dtype=DTYPES[param],
+        reduce_dtype=DTYPES[reduce],
+        output_dtype=DTYPES[output] if output else None,
+        cast_forward_inputs=True,
+    )
+
+
+def apply_fsdp(
+    model: nn.Module,
+    units: Sequence[nn.Module],
+    mesh: DeviceMesh | None = None,
+    policy: FSDPPolicy | None = None,
+) -> list[nn.Module]:
+    """Shard ``model`` bottom-up with ``fully_shard``; returns the sharded units in order.
+
+    BatchNorm modules become FP32 units whose output is cast back to ``param_dtype``; each of
+    ``units`` becomes a unit in ``param_dtype``; ``policy.fp32_modules`` become FP32 units; the
+    root is sharded last (it owns whatever parameters remain).
+    """
+    policy = policy or FSDPPolicy()
+    if not units:
+        raise FsdpkitError("apply_fsdp needs at least one unit to shard")
+    kw = {"mesh": mesh, "reshard_after_forward": policy.reshard_after_forward}
+    low = policy.param_dtype
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and any(True for _ in m.parameters()):
+            # A BatchNorm runs once per resolution group inside its unit; resharding its 2·C
+            # parameters after each call would all-gather them again for every group and again
+            # in backward. Keeping them un-sharded costs 2·C·4 bytes per layer.
+            out = low if low != "fp32" else None
+            fully_shard(m, mesh=mesh, reshard_after_forward=False,
+                        mp_policy=_mp("fp32", "fp32", out))  # fmt: skip
+    for unit in units:
+        fully_shard(unit, mp_policy=_mp(low, policy.reduce_dtype), **kw)
+    for name in policy.fp32_modules:
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError:
+            raise FsdpkitError(f"FSDPPolicy.fp32_modules: the model has no {name!r}") from None
+        fully_shard(sub, mp_policy=_mp("fp32", "fp32"), **kw)
+    fully_shard(model, mp_policy=_mp(low, policy.reduce_dtype), **kw)
+    set_prefetch(list(units), policy.prefetch)
+    return list(units)
+
+
+def set_prefetch(units: Sequence[nn.Module], depth: int) -> None:
+    """Unit *i* all-gathers units *i+1..i+depth* before its forward and *i-1..i-depth* before
+    its backward (FSDP2's explicit prefetch)."""
+    if depth <= 0:
+        return
+    for i, unit in enumerate(units):
+        unit.set_modules_to_forward_prefetch(list(units[i + 1 : i + 1 + depth]))
+        unit.set_modules_to_backward_prefetch(list(units[max(i - depth, 0) : i])[::-1])
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    plan: CheckpointPlan | None = None,
+    units: Sequence[nn.Module] | None = None,
+    mesh: DeviceMesh | None = None,
+    policy: FSDPPolicy | None = None,
+) -> nn.Module:
+    """SyncBN, checkpointing, sharding and prefetch, in that order (see the module docstring).
+
+    ``plan`` (e.g. a ``planner.Plan``) names the units and which segments to checkpoint;
+    without one, pass ``units`` (nothing is checkpointed). Returns ``model`` (sharded in
+    place). Raises :class:`FsdpkitError` for a plan that does not match the model.
+    """
+    policy = policy or FSDPPolicy()
+    if plan is None and not units:
+        raise FsdpkitError("parallelize needs a plan or the model's units")
+    # 1. SyncBatchNorm first: replacing modules after sharding would lose the sharded state.
+    if policy.sync_bn_group_size != -1:
+        convert_sync_batchnorm(model, policy.sync_bn_group_size)
+    # 2. Checkpointing hooks before sharding hooks: recomputation runs inside each unit.
+    if plan is not None:
+        apply_ac(model, plan)
+        units = [model.get_submodule(name) for name in plan.units]
+    # 3. Sharding bottom-up, root last; 4. prefetch wiring.
+    apply_fsdp(model, units, mesh, policy)
+    return model

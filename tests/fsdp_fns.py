@@ -1,0 +1,131 @@
+"""Per-rank bodies for the FSDP wrapper tests."""
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from fsdpkit import CommCounter, FSDPPolicy, get_model_spec, parallelize
+
+B_LOCAL = 2  # images per rank
+
+
+class Plan:
+    def __init__(self, units, segments):
+        self.units, self.segments = units, segments
+
+
+def _fsdp_ops(counter) -> dict:
+    """FSDP2's collectives only: SyncBatchNorm's statistics use all_gather/all_reduce lists."""
+    ops = Counter(op for _, op, _, _ in counter.calls)
+    return {"all_gather": ops["_allgather_base_"], "reduce_scatter": ops["_reduce_scatter_base_"]}
+
+
+def _batches(spec, world, steps):
+    torch.manual_seed(3)
+    return [spec.example_input(B_LOCAL * world, torch.device("cpu")) for _ in range(steps)]
+
+
+def _rank_slice(crops, rank):
+    return [c[rank * B_LOCAL : (rank + 1) * B_LOCAL] for c in crops]
+
+
+def sharded_matches_single(segments, steps=5, policy_kw=None):
+    """FSDP (+ SyncBN, + plan) on this rank's slice vs one process on the whole batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = get_model_spec("tiny")
+    torch.manual_seed(0)
+    ref = spec.build_model("cpu")
+    model = spec.build_model("cpu")
+    model.load_state_dict(ref.state_dict())
+    names = tuple(n for n, _ in spec.named_units(model))
+    policy = FSDPPolicy(fp32_modules=("head", "prototypes"), **(policy_kw or {}))
+    parallelize(model, plan=Plan(names, segments), policy=policy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    losses, ref_losses, comm = [], [], []
+    for crops in _batches(spec, world, steps):
+        opt.zero_grad()
+        with CommCounter() as fwd:
+            loss = spec.training_loss(model(_rank_slice(crops, rank)))
+        with CommCounter() as bwd:
+            loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+        comm.append((_fsdp_ops(fwd), _fsdp_ops(bwd)))
+        ref_opt.zero_grad()
+        ref_loss = spec.training_loss(ref(crops))
+        ref_loss.backward()
+        ref_opt.step()
+        ref_losses.append(ref_loss.item())
+    params = [p.full_tensor() for p in model.parameters()]
+    err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+              for a, b in zip(params, ref.parameters(), strict=True))  # fmt: skip
+    return losses, ref_losses, err, comm, sharded_units(model)
+
+
+def sharded_units(model) -> int:
+    """FSDP modules that own parameters directly (not through a nested FSDP module)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    count = 0
+    for m in fsdp:
+        nested = {id(p) for sub in m.modules() if sub is not m and sub in fsdp
+                  for p in sub.parameters()}  # fmt: skip
+        count += any(id(p) not in nested for p in m.parameters())
+    return count
+
+
+def one_step_collectives(segments, param_dtype):
+    """One training step of tiny: FSDP2 all-gather bytes per call in forward and backward."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = get_model_spec("tiny")
+    torch.manual_seed(0)
+    model = spec.build_model("cpu")
+    names = tuple(n for n, _ in spec.named_units(model))
+    policy = FSDPPolicy(fp32_modules=("head", "prototypes"), param_dtype=param_dtype)
+    parallelize(model, plan=Plan(names, segments), policy=policy)
+    crops = _rank_slice(_batches(spec, world, 1)[0], rank)
+    with CommCounter() as fwd:
+        loss = spec.training_loss(model(crops))
+    with CommCounter() as bwd:
+        loss.backward()
+    return _gather_bytes(fwd), _gather_bytes(bwd), loss.item()
+
+
+def _gather_bytes(counter) -> list[int]:
+    return [b for _, op, _, b in counter.calls if op == "_allgather_base_"]
+
+
+def mixed_precision_training(param_dtype, inf_rank=None, steps=4):
+    """Losses of a few steps in ``param_dtype`` (fp16 with GradScaler); optionally an inf in
+    one rank's gradients at step 1. Returns losses, whether each step was taken, scales."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = get_model_spec("tiny")
+    torch.manual_seed(0)
+    model = spec.build_model("cpu")
+    names = tuple(n for n, _ in spec.named_units(model))
+    policy = FSDPPolicy(fp32_modules=("head", "prototypes"), param_dtype=param_dtype)
+    parallelize(model, plan=Plan(names, ((0, 3, True), (3, 6, False))), policy=policy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=param_dtype == "fp16")
+    losses, taken = [], []
+    for step, crops in enumerate(_batches(spec, world, steps)):
+        opt.zero_grad()
+        loss = spec.training_loss(model(_rank_slice(crops, rank)))
+        scaler.scale(loss).backward()
+        if step == 1 and rank == inf_rank:
+            p = next(iter(model.parameters()))
+            p.grad.to_local().view(-1)[0] = float("inf")
+        before = [p.to_local().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        taken.append(any(not torch.equal(a, p.to_local())
+                         for a, p in zip(before, model.parameters(), strict=True)))  # fmt: skip
+        total = loss.detach().float().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses, taken
