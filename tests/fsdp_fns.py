@@ -129,3 +129,66 @@ def mixed_precision_training(param_dtype, inf_rank=None, steps=4):
         dist.all_reduce(total)
         losses.append(total.item() / world)
     return losses, taken
+
+
+def sharded_state_bytes():
+    """Bytes of parameter, gradient and momentum storage on this rank after one step, and the
+    full model's bytes, and the worst-case padding of dim-0 sharding."""
+    from planner.tracker import tensor_storages
+
+    world = dist.get_world_size()
+    spec = get_model_spec("rg8gf")
+    torch.manual_seed(0)
+    model = spec.build_model("cpu")
+    full = sum(p.numel() * 4 for p in model.parameters())
+    pad = sum(-p.shape[0] % world * p[0].numel() * 4 for p in model.parameters() if p.dim())
+    names = tuple(n for n, _ in spec.named_units(model))
+    parallelize(model, plan=Plan(names, ((0, len(names), False),)),
+                policy=FSDPPolicy(fp32_modules=("head", "prototypes")))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():  # a step needs gradients, not a (slow) rg8gf backward
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    local = [p.to_local() for p in model.parameters()]
+    grads = [p.grad.to_local() for p in model.parameters()]
+    bufs = [opt.state[p]["momentum_buffer"].to_local() for p in model.parameters()]
+    used = [sum(s.nbytes() for s in tensor_storages(ts)) for ts in (local, grads, bufs)]
+    return used, full, pad
+
+
+def vit_profile_plan_train(steps=3):
+    """The test ViT through profile → plan → parallelize → training, vs one process."""
+    from planner import MemoryConfig, estimate, plan_checkpoints, profile_model
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec = get_model_spec("toy_models:vit_spec")
+    prof = profile_model(spec, 4)
+    cfg = MemoryConfig(world_size=world, sharded=True)
+    n = len(prof.units)
+    budget = estimate(prof, [(0, n, False)], cfg).peak_bytes - 1  # force some checkpointing
+    plan = plan_checkpoints(prof, budget, cfg)
+    torch.manual_seed(0)
+    ref = spec.build_model("cpu")
+    model = spec.build_model("cpu")
+    model.load_state_dict(ref.state_dict())
+    parallelize(model, plan=plan, policy=FSDPPolicy())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(5)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(4 * world, 3, 32, 32, generator=gen)
+        opt.zero_grad()
+        loss = spec.training_loss(model(x[rank * 4 : (rank + 1) * 4]))
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        ref_opt.zero_grad()
+        ref_loss = spec.training_loss(ref(x))
+        ref_loss.backward()
+        ref_opt.step()
+        losses.append((total.item() / world, ref_loss.item()))
+    err = max(((p.full_tensor() - q).abs().max() / q.abs().max()).item()
+              for p, q in zip(model.parameters(), ref.parameters(), strict=True))  # fmt: skip
+    return losses, err, [list(s) for s in plan.segments]

@@ -1,15 +1,21 @@
 """The FSDP2 wrapper: sharded training equals one process; communication is the minimum."""
 
 import pytest
-from fsdp_fns import mixed_precision_training, one_step_collectives, sharded_matches_single
+from fsdp_fns import (
+    mixed_precision_training,
+    one_step_collectives,
+    sharded_matches_single,
+    sharded_state_bytes,
+    vit_profile_plan_train,
+)
 
+from fsdpkit import FsdpkitError, FSDPPolicy, get_model_spec, parallelize
 from fsdpkit.testing import run_distributed
-
-pytestmark = pytest.mark.dist
 
 PLAN = ((0, 2, True), (2, 4, False), (4, 6, True))
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_fp32_syncbn_training_equals_one_process(world_size):
     for losses, ref_losses, err, comm, units in run_distributed(
@@ -23,6 +29,7 @@ def test_fp32_syncbn_training_equals_one_process(world_size):
             assert bwd["reduce_scatter"] == units  # one reduce-scatter per unit
 
 
+@pytest.mark.dist
 def test_recomputation_adds_no_all_gather_and_bf16_halves_unit_bytes():
     plain = run_distributed(one_step_collectives, 2, ((0, 6, False),), "fp32")[0]
     planned = run_distributed(one_step_collectives, 2, PLAN, "fp32")[0]
@@ -33,6 +40,7 @@ def test_recomputation_adds_no_all_gather_and_bf16_halves_unit_bytes():
     assert sorted(set(ratios)) == [0.5, 1.0] and ratios.count(0.5) == 6
 
 
+@pytest.mark.dist
 def test_bf16_and_fp16_track_fp32():
     fp32 = run_distributed(mixed_precision_training, 2, "fp32")[0][0]
     for dtype in ("bf16", "fp16"):
@@ -42,6 +50,40 @@ def test_bf16_and_fp16_track_fp32():
             assert abs(a - b) <= 0.02 * abs(b) + 1e-3, (dtype, losses, fp32)
 
 
+@pytest.mark.dist
 def test_an_inf_on_one_rank_makes_every_rank_skip():
     for _, taken in run_distributed(mixed_precision_training, 2, "fp16", 1):
         assert taken == [True, False, True, True]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_state_is_a_share_of_the_full_model(world_size):
+    for used, full, pad in run_distributed(sharded_state_bytes, world_size):
+        for nbytes in used:  # parameters, gradients, momentum
+            assert nbytes <= full / world_size + pad, (nbytes, full / world_size, pad)
+
+
+@pytest.mark.dist
+def test_a_non_regnet_model_goes_through_profile_plan_parallelize():
+    for losses, err, segments in run_distributed(vit_profile_plan_train, 2):
+        assert any(c for _, _, c in segments)  # the plan checkpoints something
+        for got, want in losses:
+            assert abs(got - want) <= 1e-5 * abs(want)
+        assert err < 1e-5
+
+
+def test_plan_mismatch_and_missing_units_are_clear_errors():
+    spec = get_model_spec("toy_models:vit_spec")
+    model = spec.build_model("meta")
+
+    class WrongPlan:
+        units = ("trunk.units.0",)
+        segments = ((0, 1, True),)
+
+    with pytest.raises(FsdpkitError, match="plan does not match the model"):
+        parallelize(model, plan=WrongPlan, policy=FSDPPolicy(sync_bn_group_size=-1))
+    with pytest.raises(FsdpkitError, match="needs a plan or the model's units"):
+        parallelize(model)
+    with pytest.raises(FsdpkitError, match="param_dtype"):
+        FSDPPolicy(param_dtype="fp8")
