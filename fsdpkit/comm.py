@@ -11,14 +11,21 @@ call with its tensors::
 
 Bytes are the tensor payload of the call on this rank (the output buffer for all-gathers, the
 input for reduce-scatters, the tensor for all-reduce/broadcast), not what the network carries.
+
+``exposed_s`` is communication time the calling thread could not hide: the time spent issuing
+collectives plus the time blocked waiting for them (``Work.wait`` and functional
+``wait_tensor``). Collectives that complete while the thread computes (prefetched all-gathers)
+cost nothing here.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -66,9 +73,33 @@ class CommCounter(TorchDispatchMode):
         self.numel: Counter[str] = Counter()
         self.bytes: Counter[str] = Counter()
         self.calls: list[tuple[str, str, int, int]] = []
+        self.exposed_s = 0.0
+        self._wait = None
+
+    def __enter__(self):
+        # Work.wait is where a thread blocks on an asynchronous collective: time it.
+        self._wait = original = dist.Work.wait
+
+        def timed_wait(work, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return original(work, *args, **kwargs)
+            finally:
+                self.exposed_s += time.perf_counter() - t0
+
+        dist.Work.wait = timed_wait
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        dist.Work.wait = self._wait
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        timed = func.namespace in _NAMESPACES
+        t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
+        if timed:
+            self.exposed_s += time.perf_counter() - t0
         if func.namespace in _NAMESPACES and func._opname in _KINDS:
             kind, where = _KINDS[func._opname]
             if where == "out":
@@ -87,4 +118,8 @@ class CommCounter(TorchDispatchMode):
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {k: {"calls": self.counts[k], "bytes": self.bytes[k]} for k in sorted(self.counts)}
+        out: dict[str, Any] = {
+            k: {"calls": self.counts[k], "bytes": self.bytes[k]} for k in sorted(self.counts)
+        }
+        out["exposed_s"] = self.exposed_s
+        return out

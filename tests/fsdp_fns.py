@@ -15,10 +15,24 @@ class Plan:
         self.units, self.segments = units, segments
 
 
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _fsdp_ops(counter) -> dict:
     """FSDP2's collectives only: SyncBatchNorm's statistics use all_gather/all_reduce lists."""
     ops = Counter(op for _, op, _, _ in counter.calls)
-    return {"all_gather": ops["_allgather_base_"], "reduce_scatter": ops["_reduce_scatter_base_"]}
+    # SyncBatchNorm's backward all-reduces have 2·C elements; the BN gradient bucket is larger
+    big = sum(1 for kind, op, n, _ in counter.calls if op == "allreduce_" and n > 2 * 96)
+    return {
+        "all_gather": ops["_allgather_base_"],
+        "reduce_scatter": ops["_reduce_scatter_base_"],
+        "bn_all_reduce": big,
+    }
 
 
 def _batches(spec, world, steps):
@@ -60,7 +74,7 @@ def sharded_matches_single(segments, steps=5, policy_kw=None):
         ref_loss.backward()
         ref_opt.step()
         ref_losses.append(ref_loss.item())
-    params = [p.full_tensor() for p in model.parameters()]
+    params = [_full(p) for p in model.parameters()]
     err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
               for a, b in zip(params, ref.parameters(), strict=True))  # fmt: skip
     return losses, ref_losses, err, comm, sharded_units(model)
@@ -119,11 +133,11 @@ def mixed_precision_training(param_dtype, inf_rank=None, steps=4):
         scaler.scale(loss).backward()
         if step == 1 and rank == inf_rank:
             p = next(iter(model.parameters()))
-            p.grad.to_local().view(-1)[0] = float("inf")
-        before = [p.to_local().clone() for p in model.parameters()]
+            _local(p.grad).view(-1)[0] = float("inf")
+        before = [_local(p).clone() for p in model.parameters()]
         scaler.step(opt)
         scaler.update()
-        taken.append(any(not torch.equal(a, p.to_local())
+        taken.append(any(not torch.equal(a, _local(p))
                          for a, p in zip(before, model.parameters(), strict=True)))  # fmt: skip
         total = loss.detach().float().clone()
         dist.all_reduce(total)
@@ -132,8 +146,9 @@ def mixed_precision_training(param_dtype, inf_rank=None, steps=4):
 
 
 def sharded_state_bytes():
-    """Bytes of parameter, gradient and momentum storage on this rank after one step, and the
-    full model's bytes, and the worst-case padding of dim-0 sharding."""
+    """Bytes of parameter, gradient and momentum storage on this rank after one step; the full
+    model's bytes; the worst-case padding of dim-0 sharding; and the bytes kept whole on every
+    rank (replicated BatchNorm parameters)."""
     from planner.tracker import tensor_storages
 
     world = dist.get_world_size()
@@ -149,11 +164,12 @@ def sharded_state_bytes():
     for p in model.parameters():  # a step needs gradients, not a (slow) rg8gf backward
         p.grad = torch.zeros_like(p)
     opt.step()
-    local = [p.to_local() for p in model.parameters()]
-    grads = [p.grad.to_local() for p in model.parameters()]
-    bufs = [opt.state[p]["momentum_buffer"].to_local() for p in model.parameters()]
+    local = [_local(p) for p in model.parameters()]
+    grads = [_local(p.grad) for p in model.parameters()]
+    bufs = [_local(opt.state[p]["momentum_buffer"]) for p in model.parameters()]
     used = [sum(s.nbytes() for s in tensor_storages(ts)) for ts in (local, grads, bufs)]
-    return used, full, pad
+    whole = sum(p.numel() * 4 for p in model.parameters() if not hasattr(p, "to_local"))
+    return used, full, pad, whole
 
 
 def vit_profile_plan_train(steps=3):
@@ -189,6 +205,6 @@ def vit_profile_plan_train(steps=3):
         ref_loss.backward()
         ref_opt.step()
         losses.append((total.item() / world, ref_loss.item()))
-    err = max(((p.full_tensor() - q).abs().max() / q.abs().max()).item()
+    err = max(((_full(p) - q).abs().max() / q.abs().max()).item()
               for p, q in zip(model.parameters(), ref.parameters(), strict=True))  # fmt: skip
     return losses, err, [list(s) for s in plan.segments]

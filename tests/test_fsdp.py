@@ -16,10 +16,12 @@ PLAN = ((0, 2, True), (2, 4, False), (4, 6, True))
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_fp32_syncbn_training_equals_one_process(world_size):
+@pytest.mark.parametrize(
+    ("world_size", "batchnorm"), [(2, "units"), (3, "units"), (3, "replicate")]
+)
+def test_fp32_syncbn_training_equals_one_process(world_size, batchnorm):
     for losses, ref_losses, err, comm, units in run_distributed(
-        sharded_matches_single, world_size, PLAN
+        sharded_matches_single, world_size, PLAN, 5, {"batchnorm": batchnorm}
     ):
         for a, b in zip(losses, ref_losses, strict=True):
             assert abs(a - b) <= 1e-5 * abs(b), (losses, ref_losses)
@@ -27,6 +29,8 @@ def test_fp32_syncbn_training_equals_one_process(world_size):
         for fwd, bwd in comm:
             assert fwd["all_gather"] == units  # one all-gather per sharded unit
             assert bwd["reduce_scatter"] == units  # one reduce-scatter per unit
+            if batchnorm == "replicate":  # all BatchNorm gradients in one bucket
+                assert bwd["bn_all_reduce"] == 1
 
 
 @pytest.mark.dist
@@ -59,9 +63,12 @@ def test_an_inf_on_one_rank_makes_every_rank_skip():
 @pytest.mark.dist
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_state_is_a_share_of_the_full_model(world_size):
-    for used, full, pad in run_distributed(sharded_state_bytes, world_size):
+    for used, full, pad, whole in run_distributed(sharded_state_bytes, world_size):
         for nbytes in used:  # parameters, gradients, momentum
-            assert nbytes <= full / world_size + pad, (nbytes, full / world_size, pad)
+            # a 1/N share (+ dim-0 padding) of what is sharded, all of what is replicated
+            bound = (full - whole) / world_size + pad + whole
+            assert nbytes <= bound, (nbytes, full / world_size, pad, whole)
+            assert whole < 0.01 * full  # only BatchNorm is replicated
 
 
 @pytest.mark.dist
@@ -87,3 +94,5 @@ def test_plan_mismatch_and_missing_units_are_clear_errors():
         parallelize(model)
     with pytest.raises(FsdpkitError, match="param_dtype"):
         FSDPPolicy(param_dtype="fp8")
+    with pytest.raises(FsdpkitError, match="GradScaler"):
+        FSDPPolicy(param_dtype="fp16", batchnorm="replicate")
