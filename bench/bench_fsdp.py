@@ -22,14 +22,13 @@ waiting for collectives), and collectives per step.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
+from _report import report
 from rich.table import Table
 from torch.utils._pytree import tree_leaves
 
@@ -136,11 +135,7 @@ def main() -> None:
         table.add_row(name, f"{v['step_s'] * 1e3:,.0f} ms", f"{v['step_s'] / base['step_s']:.2f}",
                       f"{v['peak_bytes'] / 2**20:,.1f} MiB", f"{v['exposed_comm_s'] * 1e3:,.1f} ms",
                       f"{v['collectives']:,}", f"{v['comm_bytes'] / 2**20:,.2f} MiB")  # fmt: skip
-    Console(width=150).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "batch": args.batch, "ranks": results},
-                                   indent=1))  # fmt: skip
-    print(f"wrote {args.out}")
+    report(table, args.out, {"model": args.model, "batch": args.batch, "ranks": results})
 
 
 if __name__ == "__main__":

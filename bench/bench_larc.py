@@ -16,14 +16,13 @@ unit; synthetic gradients. Per optimizer step (median of ``--steps``):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
+from _report import report
 from rich.table import Table
 from torch.distributed.tensor import DTensor
 
@@ -117,10 +116,7 @@ def main() -> None:
         table.add_row(label, f"{v['step_s'] * 1e3:,.1f} ms", f"{v['step_s'] / base['step_s']:.2f}",
                       f"{v['collectives']:,}", f"{v['bytes']:,}",
                       f"{v['bytes'] / base['bytes']:,.1f}" if base["bytes"] else "—")  # fmt: skip
-    Console(width=140).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "ranks": results}, indent=1))
-    print(f"wrote {args.out}")
+    report(table, args.out, {"model": args.model, "ranks": results})
 
 
 if __name__ == "__main__":

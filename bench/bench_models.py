@@ -12,13 +12,12 @@ Measures, per preset (median of ``--repeat`` runs):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
+from _report import report
 from rich.table import Table
 
 from fsdpkit import count_forward_flops
@@ -93,10 +92,7 @@ def main() -> None:
             _fmt(r["analytic_flops_s"]),
             _fmt(r["counted_flops_s"]),
         )
-    Console(width=140).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"wrote {args.out}")
+    report(table, args.out, {"torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

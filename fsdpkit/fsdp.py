@@ -37,6 +37,15 @@ from .syncbn import convert_sync_batchnorm
 __all__ = ["DTYPES", "FSDPPolicy", "apply_fsdp", "parallelize", "set_prefetch"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# fully_shard(ignored_params=...) arrived in torch 2.7; replicated BatchNorm needs it.
+_CAN_IGNORE = "ignored_params" in inspect.signature(fully_shard).parameters
+
+
+def _bn_mode(policy: FSDPPolicy) -> str:
+    if policy.batchnorm == "auto":
+        # FP16 needs GradScaler, whose unscale refuses a mix of DTensor and plain gradients.
+        return "replicate" if _CAN_IGNORE and policy.param_dtype != "fp16" else "units"
+    return policy.batchnorm
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -145,16 +154,6 @@ def apply_fsdp(
     fully_shard(model, mp_policy=_mp(low, policy.reduce_dtype), **kw)
     set_prefetch(list(units), policy.prefetch)
     return list(units)
-
-
-_CAN_IGNORE = "ignored_params" in inspect.signature(fully_shard).parameters
-
-
-def _bn_mode(policy: FSDPPolicy) -> str:
-    if policy.batchnorm == "auto":
-        # FP16 needs GradScaler, whose unscale refuses a mix of DTensor and plain gradients.
-        return "replicate" if _CAN_IGNORE and policy.param_dtype != "fp16" else "units"
-    return policy.batchnorm
 
 
 def _average_grads_after_backward(params: list[nn.Parameter], group) -> None:

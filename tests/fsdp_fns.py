@@ -93,15 +93,20 @@ def sharded_units(model) -> int:
     return count
 
 
-def one_step_collectives(segments, param_dtype):
-    """One training step of tiny: FSDP2 all-gather bytes per call in forward and backward."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def _sharded_tiny(segments, param_dtype):
     spec = get_model_spec("tiny")
     torch.manual_seed(0)
     model = spec.build_model("cpu")
     names = tuple(n for n, _ in spec.named_units(model))
     policy = FSDPPolicy(fp32_modules=("head", "prototypes"), param_dtype=param_dtype)
     parallelize(model, plan=Plan(names, segments), policy=policy)
+    return spec, model
+
+
+def one_step_collectives(segments, param_dtype):
+    """One training step of tiny: FSDP2 all-gather bytes per call in forward and backward."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    spec, model = _sharded_tiny(segments, param_dtype)
     crops = _rank_slice(_batches(spec, world, 1)[0], rank)
     with CommCounter() as fwd:
         loss = spec.training_loss(model(crops))
@@ -116,14 +121,9 @@ def _gather_bytes(counter) -> list[int]:
 
 def mixed_precision_training(param_dtype, inf_rank=None, steps=4):
     """Losses of a few steps in ``param_dtype`` (fp16 with GradScaler); optionally an inf in
-    one rank's gradients at step 1. Returns losses, whether each step was taken, scales."""
+    one rank's gradients at step 1. Returns the losses and whether each step was taken."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    spec = get_model_spec("tiny")
-    torch.manual_seed(0)
-    model = spec.build_model("cpu")
-    names = tuple(n for n, _ in spec.named_units(model))
-    policy = FSDPPolicy(fp32_modules=("head", "prototypes"), param_dtype=param_dtype)
-    parallelize(model, plan=Plan(names, ((0, 3, True), (3, 6, False))), policy=policy)
+    spec, model = _sharded_tiny(((0, 3, True), (3, 6, False)), param_dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=param_dtype == "fp16")
     losses, taken = [], []
