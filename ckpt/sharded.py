@@ -1,0 +1,286 @@
+"""Crash-safe sharded checkpoints for training: every rank writes its own shard.
+
+``save_sharded(path, model, optimizer, step=...)`` on every rank writes, under a temporary
+directory next to ``path``:
+
+- ``rank_NNNNN.safetensors``: that rank's local shards of parameters and optimizer state, the
+  whole of replicated tensors (buffers, replicated parameters) on rank 0 only, and the rank's
+  RNG state; fsynced;
+- ``manifest.json`` last, by rank 0: format version, world size, step, user ``extra``, the
+  optimizer's non-tensor state, and per tensor its global shape, dtype, and every shard's file,
+  offset along dim 0, byte range and CRC-32; fsynced with the directory.
+
+Then rank 0 publishes by an atomic ``rename`` to ``path``. A checkpoint is complete exactly
+when its manifest exists; an interrupted save leaves only a ``.partial`` directory, which
+loaders ignore and the next save of that name clears. ``path`` is never overwritten.
+``keep_last=N`` then removes older complete checkpoints beside it, each renamed out of sight
+before it is deleted (so a crash mid-delete cannot leave a complete-looking partial one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from ._format import CheckpointError, fsync_dir, write_safetensors
+from .verify import FORMAT, MANIFEST, VERSION, read_manifest, verify
+
+__all__ = ["latest_checkpoint", "list_checkpoints", "load_sharded", "save_sharded"]
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+def _shard_info(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int], bool]:
+    """(local tensor, global shape, sharded?) — FSDP2 shards dim 0 in torch.chunk pieces."""
+    if not isinstance(t, DTensor):
+        return t, list(t.shape), False
+    if len(t.placements) != 1 or not isinstance(t.placements[0], Shard) or t.placements[0].dim:
+        raise CheckpointError(f"tensor placements {t.placements} not supported (dim-0 shards)")
+    return t.to_local(), list(t.shape), True
+
+
+def _dim0_offset(global_rows: int, world: int, rank: int) -> int:
+    chunk = math.ceil(global_rows / world) if global_rows else 0
+    return min(rank * chunk, global_rows)
+
+
+def _collect(model: nn.Module, optimizer, rank: int, world: int):
+    """This rank's (name, tensor, kind, global shape, sharded) entries, and JSON state."""
+    entries = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        local, shape, sharded = _shard_info(p.detach(), rank)
+        if sharded or rank == 0:
+            entries.append((f"param/{n}", local, "param", shape, sharded))
+    for n, b in model.named_buffers():
+        if rank == 0:
+            entries.append((f"buffer/{n}", b.detach(), "buffer", list(b.shape), False))
+    opt_json: dict[str, Any] = {}
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        groups = []
+        for g in sd["param_groups"]:
+            groups.append({k: v for k, v in g.items() if k != "params"}
+                          | {"params": [order[i] for i in g["params"]]})  # fmt: skip
+        other: dict[str, dict[str, Any]] = {}
+        for idx, state in sd["state"].items():
+            pname = order[idx]
+            for key, v in state.items():
+                if isinstance(v, torch.Tensor):
+                    local, shape, sharded = _shard_info(v.detach(), rank)
+                    if sharded or rank == 0:
+                        entries.append((f"optim/{pname}/{key}", local, "optim", shape, sharded))
+                else:
+                    other.setdefault(pname, {})[key] = v
+        opt_json = {"param_groups": groups, "state": other}
+    rng = torch.get_rng_state()
+    entries.append((f"rng/{rank}", rng, "rng", list(rng.shape), False))
+    return entries, opt_json
+
+
+def save_sharded(
+    path: str | Path,
+    model: nn.Module,
+    optimizer=None,
+    *,
+    step: int,
+    extra: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Save this rank's shards (call on every rank); returns the published directory.
+
+    Bytes written per rank: its local shards (≈ model and optimizer state ÷ world size), plus
+    replicated tensors on rank 0. Memory: one tensor at a time beyond what the model holds.
+    """
+    rank, world = _dist()
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.partial"
+    if rank == 0:
+        if path.exists():
+            raise CheckpointError(f"{path}: exists; checkpoints are never overwritten")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an interrupted save of the same name
+        tmp.mkdir()
+    _barrier()
+    entries, opt_json = _collect(model, optimizer, rank, world)
+    fname = f"rank_{rank:05d}.safetensors"
+    index = write_safetensors(tmp / fname, [(n, t) for n, t, *_ in entries])
+    mine = {
+        "file": fname,
+        "bytes": (tmp / fname).stat().st_size,
+        "tensors": {n: (index[n], kind, shape, sharded) for n, _, kind, shape, sharded in entries},
+        "rows": {n: t.shape[0] if t.dim() else 0 for n, t, *_ in entries},
+    }
+    gathered = [None] * world
+    if world > 1:
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    if rank == 0:
+        manifest = _manifest(gathered, world, step, extra, opt_json)
+        mf = tmp / MANIFEST
+        with open(mf, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        os.rename(tmp, path)  # atomic publish: the checkpoint is complete from here on
+        fsync_dir(path.parent)
+        if keep_last:
+            _prune(path.parent, keep_last, keep=path)
+    _barrier()
+    return path
+
+
+def _prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints, crash-safely: a checkpoint is first
+    renamed out of sight (atomic; loaders skip dot-names), then deleted. A kill mid-delete
+    leaves a ``.deleting`` directory, never a complete-looking checkpoint missing files."""
+    for stale in root.glob(".*.deleting"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep_last]:
+        if old != keep:
+            doomed = old.with_name(f".{old.name}.deleting")
+            os.rename(old, doomed)
+            shutil.rmtree(doomed)
+
+
+def _manifest(gathered, world, step, extra, opt_json) -> dict[str, Any]:
+    tensors: dict[str, Any] = {}
+    for r, info in enumerate(gathered):
+        for name, (idx, kind, shape, sharded) in info["tensors"].items():
+            t = tensors.setdefault(name, {"kind": kind, "dtype": idx["dtype"], "shape": shape,
+                                          "sharded": sharded, "shards": []})  # fmt: skip
+            offset = _dim0_offset(shape[0], world, r) if sharded else 0
+            t["shards"].append({"file": info["file"], "rank": r, "row_offset": offset,
+                                "rows": info["rows"][name], "offsets": idx["offsets"],
+                                "crc32": idx["crc32"]})  # fmt: skip
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "world_size": world,
+        "step": step,
+        "created_unix_s": time.time(),
+        "extra": extra or {},
+        "files": {g["file"]: {"rank": r, "bytes": g["bytes"]} for r, g in enumerate(gathered)},
+        "optimizer": opt_json,
+        "tensors": tensors,
+    }
+
+
+_STEP = re.compile(r"(\d+)$")
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints (a manifest present) directly under ``root``, oldest step first."""
+    root = Path(root)
+    found = []
+    for d in root.iterdir() if root.is_dir() else []:
+        if d.is_dir() and not d.name.startswith(".") and (d / MANIFEST).is_file():
+            try:
+                found.append((read_manifest(d)["step"], d))
+            except CheckpointError:
+                continue  # a corrupt manifest is not a checkpoint to resume from
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``root`` (None if there is none)."""
+    done = list_checkpoints(root)
+    return done[-1] if done else None
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer=None, *, verify_checksums=True):
+    """Restore model (and optimizer) state saved by :func:`save_sharded` on the same world
+    size, each rank reading its own file. Returns the manifest (``step``, ``extra``, ...).
+
+    Raises CheckpointError for an incomplete or corrupt checkpoint, another world size (use
+    ``ckpt reslice`` and ``load_sliced``), or tensors that do not match the model.
+    """
+    rank, world = _dist()
+    path = Path(path)
+    manifest = verify(path, checksums=verify_checksums) if rank == 0 else read_manifest(path)
+    _barrier()  # rank 0 has checked every file before anyone loads
+    if manifest["world_size"] != world:
+        raise CheckpointError(
+            f"{path}: saved on world size {manifest['world_size']}, loading on {world}; "
+            "reslice it (ckpt reslice) and load the slices (load_sliced)"
+        )
+    targets: dict[str, torch.Tensor] = {f"param/{n}": p for n, p in model.named_parameters()}
+    targets |= {f"buffer/{n}": b for n, b in model.named_buffers()}
+    missing = [n for n in targets if n not in manifest["tensors"]]
+    if missing:
+        raise CheckpointError(f"{path}: no tensor {missing[0]} in the checkpoint (another model?)")
+    files = {r: path / f"rank_{r:05d}.safetensors" for r in (0, rank)}
+    with safe_open(files[rank], "pt") as mine, safe_open(files[0], "pt") as first:
+        for name, dst in targets.items():
+            meta = manifest["tensors"][name]
+            if list(dst.shape) != meta["shape"]:
+                raise CheckpointError(
+                    f"{files[rank]}: tensor {name}: shape {meta['shape']} in the checkpoint, "
+                    f"{list(dst.shape)} in the model (another model?)"
+                )
+            src = mine if meta["sharded"] else first
+            local = dst.to_local() if isinstance(dst, DTensor) else dst
+            with torch.no_grad():
+                local.copy_(src.get_tensor(name))
+        if optimizer is not None:
+            _load_optimizer(manifest, model, optimizer, mine, first)
+        torch.set_rng_state(mine.get_tensor(f"rng/{rank}"))
+    return manifest
+
+
+def _load_optimizer(manifest, model, optimizer, mine, first) -> None:
+    params = dict(model.named_parameters())
+    names = {id(p): n for n, p in params.items()}
+    order = [n for g in manifest["optimizer"]["param_groups"] for n in g["params"]]
+    current = [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
+    if current != order:
+        raise CheckpointError(
+            "the optimizer's parameters differ from the checkpoint's (order or set); build it "
+            "over model.parameters() as when saving"
+        )
+    state: dict[int, dict[str, Any]] = {}
+    for i, pname in enumerate(order):
+        entry = dict(manifest["optimizer"]["state"].get(pname, {}))
+        prefix = f"optim/{pname}/"
+        for tname, meta in manifest["tensors"].items():
+            if not tname.startswith(prefix):
+                continue
+            t = (mine if meta["sharded"] else first).get_tensor(tname)
+            p = params[pname]
+            if meta["sharded"] and isinstance(p, DTensor):
+                t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape,
+                                       stride=p.stride())  # fmt: skip
+            entry[tname[len(prefix) :]] = t
+        if entry:
+            state[i] = entry
+    groups, start = [], 0
+    for g in manifest["optimizer"]["param_groups"]:
+        n = len(g["params"])
+        groups.append(g | {"params": list(range(start, start + n))})
+        start += n
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -1,0 +1,96 @@
+"""Reading and checking checkpoint manifests: completeness, sizes, checksums, safe paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ._format import CheckpointError, crc32_of_range, read_header
+
+__all__ = ["FORMAT", "VERSION", "inspect", "read_manifest", "verify"]
+
+FORMAT = "fsdpkit-sharded"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def _safe_file(root: Path, name: str) -> Path:
+    """A file the manifest names, refused if it would leave the checkpoint directory."""
+    if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise CheckpointError(f"{root / MANIFEST}: file name {name!r} leaves the checkpoint")
+    return root / name
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; CheckpointError (one line) otherwise."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: no such checkpoint directory")
+    mf = root / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(
+            f"{root}: not a complete checkpoint (no {MANIFEST}; an interrupted save?)"
+        )
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{mf}: unreadable manifest: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mf}: not an fsdpkit sharded checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{mf}: format version {manifest.get('version')}, this fsdpkit reads {VERSION}"
+        )
+    for name in manifest.get("files", {}):
+        _safe_file(root, name)
+    return manifest
+
+
+def verify(path: str | Path, *, checksums: bool = True) -> dict[str, Any]:
+    """Check that every file is present with its size and header, and (``checksums``) that
+    every tensor's bytes match their CRC-32. Returns the manifest; raises CheckpointError
+    naming the first file and tensor at fault."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    for name, info in manifest["files"].items():
+        f = _safe_file(root, name)
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (rank {info['rank']}'s shard)")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {info['bytes']}")
+        read_header(f)
+    if checksums:
+        for tname, t in manifest["tensors"].items():
+            for shard in t["shards"]:
+                f = _safe_file(root, shard["file"])
+                begin, end = shard["offsets"]
+                if crc32_of_range(f, begin, end) != shard["crc32"]:
+                    raise CheckpointError(f"{f}: tensor {tname}: checksum mismatch (corrupt)")
+    return manifest
+
+
+def inspect(path: str | Path) -> dict[str, Any]:
+    """A summary: step, world size, tensors by kind with dtypes and bytes, total bytes."""
+    manifest = read_manifest(path)
+    kinds: dict[str, dict[str, int]] = {}
+    dtypes: dict[str, int] = {}
+    for t in manifest["tensors"].values():
+        k = kinds.setdefault(t["kind"], {"tensors": 0, "bytes": 0})
+        nbytes = sum(s["offsets"][1] - s["offsets"][0] for s in t["shards"])
+        k["tensors"] += 1
+        k["bytes"] += nbytes
+        dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + nbytes
+    return {
+        "path": str(path),
+        "format": manifest["format"],
+        "version": manifest["version"],
+        "step": manifest["step"],
+        "world_size": manifest["world_size"],
+        "files": len(manifest["files"]),
+        "kinds": kinds,
+        "dtypes": dtypes,
+        "total_bytes": sum(f["bytes"] for f in manifest["files"].values()),
+        "extra": manifest.get("extra", {}),
+    }

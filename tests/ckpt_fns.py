@@ -1,0 +1,55 @@
+"""Per-rank bodies for the checkpoint tests."""
+
+import torch
+import torch.distributed as dist
+
+from ckpt import load_sharded, save_sharded
+from fsdpkit import FSDPPolicy, get_model_spec, parallelize
+
+
+class _Plain:
+    def __init__(self, names):
+        self.units, self.segments = names, ((0, len(names), False),)
+
+
+def _setup():
+    spec = get_model_spec("tiny")
+    torch.manual_seed(0)
+    model = spec.build_model("cpu")
+    names = tuple(n for n, _ in spec.named_units(model))
+    parallelize(model, plan=_Plain(names), policy=FSDPPolicy(fp32_modules=("head", "prototypes")))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return spec, model, opt
+
+
+def _step(spec, model, opt, step):
+    gen = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    crops = [torch.randn(2, 3, s, s, generator=gen) for s in (64, 64, 32, 32, 32, 32)]
+    opt.zero_grad()
+    loss = spec.training_loss(model(crops))
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def _params(model):
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for p in model.parameters()]  # fmt: skip
+
+
+def train(steps, save_at=None, path=None):
+    spec, model, opt = _setup()
+    losses = []
+    for step in range(steps):
+        losses.append(_step(spec, model, opt, step))
+        if save_at is not None and step + 1 == save_at:
+            save_sharded(path, model, opt, step=save_at, extra={"note": "resume test"})
+    return losses, _params(model)
+
+
+def resume(path, first_step, steps):
+    spec, model, opt = _setup()
+    manifest = load_sharded(path, model, opt)
+    assert manifest["step"] == first_step and manifest["extra"] == {"note": "resume test"}
+    losses = [_step(spec, model, opt, step) for step in range(first_step, first_step + steps)]
+    return losses, _params(model)
