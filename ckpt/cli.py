@@ -1,4 +1,4 @@
-"""The ``ckpt`` command: ``ckpt verify PATH`` and ``ckpt inspect PATH`` (``--json``).
+"""The ``ckpt`` command: ``ckpt reslice SRC DST``, ``ckpt verify PATH``, ``ckpt inspect PATH``.
 
 Bad input (a missing, incomplete or corrupt checkpoint) prints one line ``ckpt: error: …``
 naming the file and tensor, and exits with status 2.
@@ -57,6 +57,34 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reslice(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .sliced import reslice
+
+    if args.workers < 1:
+        raise FsdpkitError(f"--workers must be >= 1, got {args.workers}")
+    live = sys.stderr.isatty() and not args.json  # a bar is for terminals, not logs
+    with Progress(console=Console(stderr=True), disable=not live, transient=True) as progress:
+        task = progress.add_task("reslicing", total=None)
+
+        def on_unit(unit: str, i: int, total: int) -> None:
+            progress.update(task, completed=i, total=total, description=f"unit {unit}")
+
+        dst = reslice(args.src, args.dst, with_optimizer=args.with_optimizer,
+                      workers=args.workers, on_unit=on_unit)  # fmt: skip
+    info = json.loads((dst / "manifest.json").read_text())
+    result = {"dst": str(dst), "units": len(info["units"]), "tensors": len(info["tensors"]),
+              "bytes": sum(f["bytes"] for f in info["files"].values())}  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{dst}: {result['units']} unit files, {result['tensors']} tensors, "
+              f"{format_bytes(result['bytes'])}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckpt", description="fsdpkit checkpoint tools")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checksums", action="store_true", help="sizes and headers only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
+    p = sub.add_parser("reslice", help="sharded checkpoint → one file per unit (any world size)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--with-optimizer", action="store_true", help="also slice optimizer state")
+    p.add_argument("--workers", type=int, default=4, help="parallel shard reads")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_reslice)
     p = sub.add_parser("inspect", help="step, world size, tensors, dtypes and bytes")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")

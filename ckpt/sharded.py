@@ -108,8 +108,11 @@ def save_sharded(
     step: int,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
+    units: list[str] | None = None,
 ) -> Path:
     """Save this rank's shards (call on every rank); returns the published directory.
+
+    ``units`` (e.g. ``plan.units``) are recorded so that ``reslice`` writes one file per unit.
 
     Bytes written per rank: its local shards (≈ model and optimizer state ÷ world size), plus
     replicated tensors on rank 0. Memory: one tensor at a time beyond what the model holds.
@@ -141,6 +144,8 @@ def save_sharded(
         gathered = [mine]
     if rank == 0:
         manifest = _manifest(gathered, world, step, extra, opt_json)
+        if units is not None:
+            manifest["units"] = list(units)
         mf = tmp / MANIFEST
         with open(mf, "w") as f:
             json.dump(manifest, f, indent=1)

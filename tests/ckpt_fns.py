@@ -53,3 +53,29 @@ def resume(path, first_step, steps):
     assert manifest["step"] == first_step and manifest["extra"] == {"note": "resume test"}
     losses = [_step(spec, model, opt, step) for step in range(first_step, first_step + steps)]
     return losses, _params(model)
+
+
+def train_and_save(path, steps=2):
+    """Train on this world size, save with the unit names recorded; return full params."""
+    spec, model, opt = _setup()
+    for step in range(steps):
+        _step(spec, model, opt, step)
+    units = [n for n, _ in spec.named_units(model)] + ["head", "prototypes"]
+    save_sharded(path, model, opt, step=steps, units=units)
+    return _params(model)
+
+
+def load_slices(path):
+    """Load slices into a model sharded over this world size; full params and bytes read."""
+    from ckpt import load_sliced
+
+    _, model, opt = _setup()
+    manifest = load_sliced(path, model, opt if manifest_has_optimizer(path) else None)
+    return _params(model), manifest["bytes_read"]
+
+
+def manifest_has_optimizer(path):
+    import json
+    from pathlib import Path
+
+    return bool(json.loads((Path(path) / "manifest.json").read_text())["optimizer"])
