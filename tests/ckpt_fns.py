@@ -79,3 +79,40 @@ def manifest_has_optimizer(path):
     from pathlib import Path
 
     return bool(json.loads((Path(path) / "manifest.json").read_text())["optimizer"])
+
+
+def _global_step(spec, model, opt, step, global_batch=6):
+    """One step on this rank's slice of a global batch that does not depend on world size."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(500 + step)
+    crops = [torch.randn(global_batch, 3, s, s, generator=gen) for s in (64, 64, 32, 32, 32, 32)]
+    per = global_batch // world
+    opt.zero_grad()
+    loss = spec.training_loss(model([c[rank * per : (rank + 1) * per] for c in crops]))
+    loss.backward()
+    opt.step()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return total.item() / world
+
+
+def save_after(path, steps):
+    spec, model, opt = _setup()
+    for step in range(steps):
+        _global_step(spec, model, opt, step)
+    units = [n for n, _ in spec.named_units(model)] + ["head", "prototypes"]
+    save_sharded(path, model, opt, step=steps, units=units)
+
+
+def continue_from_sharded(path, first, steps):
+    spec, model, opt = _setup()
+    load_sharded(path, model, opt)
+    return [_global_step(spec, model, opt, s) for s in range(first, first + steps)]
+
+
+def continue_from_slices(path, first, steps):
+    from ckpt import load_sliced
+
+    spec, model, opt = _setup()
+    load_sliced(path, model, opt)
+    return [_global_step(spec, model, opt, s) for s in range(first, first + steps)]

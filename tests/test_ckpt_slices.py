@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_fns import load_slices, train_and_save
+from ckpt_fns import (
+    continue_from_sharded,
+    continue_from_slices,
+    load_slices,
+    save_after,
+    train_and_save,
+)
 
 from ckpt import CheckpointError, load_sliced, reslice, save_sharded, unit_of
 from fsdpkit import get_model_spec
@@ -88,3 +94,29 @@ def test_cli_reslice(tmp_path):
     missing = subprocess.run([script, "reslice", str(tmp_path / "nope"), str(tmp_path / "x")],
                              capture_output=True, text=True)  # fmt: skip
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+
+
+@pytest.mark.dist
+def test_training_resumes_on_three_ranks_from_a_two_rank_checkpoint(tmp_path):
+    src, dst = tmp_path / "sharded", tmp_path / "sliced"
+    run_distributed(save_after, 2, src, 2)
+    reslice(src, dst, with_optimizer=True)
+    on_two = run_distributed(continue_from_sharded, 2, src, 2, 3)[0]
+    on_three = run_distributed(continue_from_slices, 3, dst, 2, 3)[0]
+    for a, b in zip(on_three, on_two, strict=True):
+        assert abs(a - b) <= 1e-6 * abs(b), (on_three, on_two)
+
+
+def test_a_non_regnet_model_saves_reslices_and_loads(tmp_path):
+    spec = get_model_spec("toy_models:vit_spec")
+    torch.manual_seed(0)
+    model = spec.build_model("cpu")
+    units = [n for n, _ in spec.named_units(model)] + ["classifier"]
+    save_sharded(tmp_path / "s", model, step=1, units=units)
+    reslice(tmp_path / "s", tmp_path / "d")
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["units"] == units
+    fresh = spec.build_model("cpu")
+    load_sliced(tmp_path / "d", fresh)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
