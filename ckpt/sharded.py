@@ -35,6 +35,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from ._format import CheckpointError, fsync_dir, write_safetensors
+from ._optim import restore_optimizer
 from .verify import FORMAT, MANIFEST, VERSION, read_manifest, verify
 
 __all__ = ["latest_checkpoint", "list_checkpoints", "load_sharded", "save_sharded"]
@@ -253,39 +254,11 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, *, verify_c
             with torch.no_grad():
                 local.copy_(src.get_tensor(name))
         if optimizer is not None:
-            _load_optimizer(manifest, model, optimizer, mine, first)
+            tensors = {
+                name: ((mine if meta["sharded"] else first).get_tensor(name), meta["sharded"])
+                for name, meta in manifest["tensors"].items()
+                if meta["kind"] == "optim"
+            }
+            restore_optimizer(manifest, model, optimizer, tensors)
         torch.set_rng_state(mine.get_tensor(f"rng/{rank}"))
     return manifest
-
-
-def _load_optimizer(manifest, model, optimizer, mine, first) -> None:
-    params = dict(model.named_parameters())
-    names = {id(p): n for n, p in params.items()}
-    order = [n for g in manifest["optimizer"]["param_groups"] for n in g["params"]]
-    current = [names.get(id(p)) for g in optimizer.param_groups for p in g["params"]]
-    if current != order:
-        raise CheckpointError(
-            "the optimizer's parameters differ from the checkpoint's (order or set); build it "
-            "over model.parameters() as when saving"
-        )
-    state: dict[int, dict[str, Any]] = {}
-    for i, pname in enumerate(order):
-        entry = dict(manifest["optimizer"]["state"].get(pname, {}))
-        prefix = f"optim/{pname}/"
-        for tname, meta in manifest["tensors"].items():
-            if not tname.startswith(prefix):
-                continue
-            t = (mine if meta["sharded"] else first).get_tensor(tname)
-            p = params[pname]
-            if meta["sharded"] and isinstance(p, DTensor):
-                t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape,
-                                       stride=p.stride())  # fmt: skip
-            entry[tname[len(prefix) :]] = t
-        if entry:
-            state[i] = entry
-    groups, start = [], 0
-    for g in manifest["optimizer"]["param_groups"]:
-        n = len(g["params"])
-        groups.append(g | {"params": list(range(start, start + n))})
-        start += n
-    optimizer.load_state_dict({"state": state, "param_groups": groups})

@@ -28,6 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ._format import CheckpointError, crc32_of_range, fsync_dir, write_safetensors
+from ._optim import restore_optimizer
 from .verify import MANIFEST, read_manifest
 
 __all__ = ["SLICED_FORMAT", "load_sliced", "reslice", "unit_of"]
@@ -248,28 +249,6 @@ def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str,
     if optimizer is not None:
         if not manifest.get("optimizer"):
             raise CheckpointError(f"{path}: no optimizer state (reslice with --with-optimizer)")
-        _load_optimizer_slices(manifest, model, optimizer, loaded, rows_only)
+        tensors = {name: (t, name in rows_only) for name, t in loaded.items()}
+        restore_optimizer(manifest, model, optimizer, tensors)
     return manifest | {"bytes_read": bytes_read}
-
-
-def _load_optimizer_slices(manifest, model, optimizer, loaded, rows_only) -> None:
-    params = dict(model.named_parameters())
-    order = [n for g in manifest["optimizer"]["param_groups"] for n in g["params"]]
-    state: dict[int, dict[str, Any]] = {}
-    for i, pname in enumerate(order):
-        entry = dict(manifest["optimizer"]["state"].get(pname, {}))
-        prefix = f"optim/{pname}/"
-        for tname, t in loaded.items():
-            if tname.startswith(prefix):
-                p = params[pname]
-                if tname in rows_only:  # this rank's rows: shard it like its parameter
-                    t = DTensor.from_local(t, p.device_mesh, p.placements, shape=p.shape,
-                                           stride=p.stride())  # fmt: skip
-                entry[tname[len(prefix) :]] = t
-        if entry:
-            state[i] = entry
-    groups, start = [], 0
-    for g in manifest["optimizer"]["param_groups"]:
-        groups.append(g | {"params": list(range(start, start + len(g["params"])))})
-        start += len(g["params"])
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
