@@ -15,7 +15,7 @@ from rich import box
 from rich.table import Table
 
 from fsdpkit import FsdpkitError
-from fsdpkit._console import stdout_console
+from fsdpkit._console import run_command, stdout_console
 from fsdpkit.units import format_bytes
 
 from .verify import inspect, verify
@@ -108,12 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FsdpkitError as e:
-        print(f"ckpt: error: {e}", file=sys.stderr)
-        return 2
+    return run_command("ckpt", build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from ._cli_plan import add_parsers as add_plan_parsers
-from ._console import stdout_console
-from .errors import FsdpkitError
+from ._console import run_command, stdout_console
 from .registry import available_models, get_model_spec
 from .summary import ModelSummary, summarize_model
 
@@ -121,15 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except FsdpkitError as e:
-        print(f"fsdpkit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fsdpkit: interrupted", file=sys.stderr)
-        return 130
+    return run_command("fsdpkit", build_parser(), argv)
 
 
 if __name__ == "__main__":
