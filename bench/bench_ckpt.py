@@ -31,22 +31,17 @@ from fsdpkit import FSDPPolicy, get_model_spec, parallelize
 from fsdpkit.testing import run_distributed
 
 
-class _Plain:
-    def __init__(self, names):
-        self.units, self.segments = names, ((0, len(names), False),)
-
-
 def _sharded(model_name: str):
     spec = get_model_spec(model_name)
     torch.manual_seed(0)
     model = spec.build_model("cpu")
-    names = tuple(n for n, _ in spec.named_units(model))
-    parallelize(model, plan=_Plain(names), policy=FSDPPolicy(sync_bn_group_size=-1))
+    named = spec.named_units(model)
+    parallelize(model, units=[m for _, m in named], policy=FSDPPolicy(sync_bn_group_size=-1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()  # momentum buffers exist
-    return spec, model, opt, [*names, "head", "prototypes"]
+    return spec, model, opt, [*(n for n, _ in named), "head", "prototypes"]
 
 
 def _timed(fn) -> float:

@@ -37,18 +37,12 @@ from fsdpkit.testing import run_distributed
 from planner.tracker import LiveMemory
 
 
-class _NoCheckpoint:
-    def __init__(self, names):
-        self.units, self.segments = names, ((0, len(names), False),)
-
-
 def _build(variant: str, spec):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.manual_seed(0)
     model = spec.build_model("cpu")
-    names = tuple(n for n, _ in spec.named_units(model))
     if variant.startswith("parallelize"):
         policy = FSDPPolicy(
             fp32_modules=("head", "prototypes"),
@@ -56,7 +50,7 @@ def _build(variant: str, spec):
             batchnorm="units" if "BN as FSDP units" in variant else "replicate",
             sync_bn_group_size=1 if "local BN" in variant else None,
         )
-        parallelize(model, plan=_NoCheckpoint(names), policy=policy)
+        parallelize(model, units=[m for _, m in spec.named_units(model)], policy=policy)
     elif variant == "fully_shard defaults":
         for _, unit in spec.named_units(model):
             fully_shard(unit)

@@ -10,6 +10,7 @@ CRC-32 (zlib) detects flipped bytes and truncation; it is not a defence against 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -21,7 +22,14 @@ import torch
 
 from fsdpkit import FsdpkitError
 
-__all__ = ["CheckpointError", "crc32_of_range", "fsync_dir", "read_header", "write_safetensors"]
+__all__ = [
+    "CheckpointError",
+    "crc32_of_range",
+    "dim0_rows",
+    "fsync_dir",
+    "read_header",
+    "write_safetensors",
+]
 
 _DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -105,6 +113,13 @@ def crc32_of_range(path: Path, begin: int, end: int) -> int:
             crc = zlib.crc32(chunk, crc)
             left -= len(chunk)
     return crc
+
+
+def dim0_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """``[begin, end)`` rows of a dim-0 shard as FSDP2 cuts it (``torch.chunk``: ⌈rows/world⌉
+    per rank, the last ranks shorter or empty)."""
+    chunk = math.ceil(rows / world) if rows else 0
+    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
 
 
 def fsync_dir(path: Path) -> None:

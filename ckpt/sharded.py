@@ -20,7 +20,6 @@ before it is deleted (so a crash mid-delete cannot leave a complete-looking part
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -34,7 +33,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from ._format import CheckpointError, fsync_dir, write_safetensors
+from ._format import CheckpointError, dim0_rows, fsync_dir, write_safetensors
 from ._optim import restore_optimizer
 from .verify import FORMAT, MANIFEST, VERSION, read_manifest, verify
 
@@ -59,11 +58,6 @@ def _shard_info(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int], bo
     if len(t.placements) != 1 or not isinstance(t.placements[0], Shard) or t.placements[0].dim:
         raise CheckpointError(f"tensor placements {t.placements} not supported (dim-0 shards)")
     return t.to_local(), list(t.shape), True
-
-
-def _dim0_offset(global_rows: int, world: int, rank: int) -> int:
-    chunk = math.ceil(global_rows / world) if global_rows else 0
-    return min(rank * chunk, global_rows)
 
 
 def _collect(model: nn.Module, optimizer, rank: int, world: int):
@@ -180,7 +174,7 @@ def _manifest(gathered, world, step, extra, opt_json) -> dict[str, Any]:
         for name, (idx, kind, shape, sharded) in info["tensors"].items():
             t = tensors.setdefault(name, {"kind": kind, "dtype": idx["dtype"], "shape": shape,
                                           "sharded": sharded, "shards": []})  # fmt: skip
-            offset = _dim0_offset(shape[0], world, r) if sharded else 0
+            offset = dim0_rows(shape[0], world, r)[0] if sharded else 0
             t["shards"].append({"file": info["file"], "rank": r, "row_offset": offset,
                                 "rows": info["rows"][name], "offsets": idx["offsets"],
                                 "crc32": idx["crc32"]})  # fmt: skip
@@ -228,13 +222,26 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer=None, *, verify_c
     """
     rank, world = _dist()
     path = Path(path)
-    manifest = verify(path, checksums=verify_checksums) if rank == 0 else read_manifest(path)
-    _barrier()  # rank 0 has checked every file before anyone loads
+    manifest = read_manifest(path)
     if manifest["world_size"] != world:
         raise CheckpointError(
             f"{path}: saved on world size {manifest['world_size']}, loading on {world}; "
             "reslice it (ckpt reslice) and load the slices (load_sliced)"
         )
+    # Each rank checks the two files it reads (its own, and rank 0's replicated tensors), in
+    # parallel; then every rank raises the same error, so none waits for a failed peer.
+    reads = {f"rank_{r:05d}.safetensors" for r in (0, rank)}
+    try:
+        verify(path, checksums=verify_checksums, files=reads)
+        error = None
+    except CheckpointError as e:
+        error = str(e)
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    if any(errors):
+        raise CheckpointError(next(e for e in errors if e))
     targets: dict[str, torch.Tensor] = {f"param/{n}": p for n, p in model.named_parameters()}
     targets |= {f"buffer/{n}": b for n, b in model.named_buffers()}
     missing = [n for n in targets if n not in manifest["tensors"]]

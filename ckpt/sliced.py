@@ -13,7 +13,6 @@ time (row-major tensors make a dim-0 shard one contiguous range).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import zlib
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ._format import CheckpointError, crc32_of_range, fsync_dir, write_safetensors
+from ._format import CheckpointError, crc32_of_range, dim0_rows, fsync_dir, write_safetensors
 from ._optim import restore_optimizer
 from .verify import MANIFEST, read_manifest
 
@@ -194,11 +193,6 @@ def _tensor(data: bytes, dtype: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype])
 
 
-def _rows_for(rows: int, world: int, rank: int) -> tuple[int, int]:
-    chunk = math.ceil(rows / world) if rows else 0
-    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
-
-
 def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str, Any]:
     """Load a sliced checkpoint into ``model`` (FSDP2-sharded on any world size, or whole).
 
@@ -230,7 +224,7 @@ def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str,
         begin, end = meta["offsets"]
         if isinstance(like, DTensor) and meta["shape"] and list(like.shape) == meta["shape"]:
             rows = meta["shape"][0]
-            lo, hi = _rows_for(rows, world, rank)
+            lo, hi = dim0_rows(rows, world, rank)
             row_bytes = (end - begin) // rows if rows else 0
             data = _read_rows(f, begin, row_bytes, (lo, hi))
             local = _tensor(data, meta["dtype"]).view([hi - lo, *meta["shape"][1:]])

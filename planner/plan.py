@@ -55,10 +55,6 @@ class Plan:
     def recompute_fraction(self) -> float:
         return self.recompute_flops / self.step_flops if self.step_flops else 0.0
 
-    @property
-    def checkpointed_units(self) -> list[int]:
-        return [i for s, e, c in self.segments if c for i in range(s, e)]
-
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["segments"] = [list(s) for s in self.segments]

@@ -36,12 +36,12 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_leaves
 
 from fsdpkit import FsdpkitError, ModelSpec
+from fsdpkit.fsdp import DTYPES
 
 from .tracker import LiveMemory, storage_key, tensor_storages
 
 __all__ = ["DTYPES", "ModelProfile", "UnitProfile", "emulate_mixed_precision", "profile_model"]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 

@@ -27,6 +27,7 @@ from .memory import (
     Segment,
     _Statics,
     estimate,
+    normalize_segments,
     segment_events,
     static_floor_bytes,
     tail_events,
@@ -161,7 +162,7 @@ def solve_recompute(
     while bp is not None:
         segments.append(bp[0])
         bp = bp[1]
-    return _merge_plain(segments[::-1])
+    return normalize_segments(segments[::-1], n)
 
 
 def _pareto(entries: list) -> list:
@@ -171,16 +172,6 @@ def _pareto(entries: list) -> list:
         if entry[1] < best_rec:
             out.append(entry)
             best_rec = entry[1]
-    return out
-
-
-def _merge_plain(segments: list[Segment]) -> list[Segment]:
-    out: list[Segment] = []
-    for s, e, c in segments:
-        if out and not c and not out[-1][2]:
-            out[-1] = (out[-1][0], e, False)
-        else:
-            out.append((s, e, c))
     return out
 
 

@@ -62,9 +62,6 @@ class LiveMemory(TorchDispatchMode):
         self.window_peak = self.live
         return self.live
 
-    def is_tracked(self, st: torch.UntypedStorage) -> bool:
-        return st in self._storages
-
     def _changed(self) -> None:
         if self.live > self.peak:
             self.peak = self.live

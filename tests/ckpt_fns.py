@@ -7,17 +7,12 @@ from ckpt import load_sharded, save_sharded
 from fsdpkit import FSDPPolicy, get_model_spec, parallelize
 
 
-class _Plain:
-    def __init__(self, names):
-        self.units, self.segments = names, ((0, len(names), False),)
-
-
 def _setup():
     spec = get_model_spec("tiny")
     torch.manual_seed(0)
     model = spec.build_model("cpu")
-    names = tuple(n for n, _ in spec.named_units(model))
-    parallelize(model, plan=_Plain(names), policy=FSDPPolicy(fp32_modules=("head", "prototypes")))
+    units = [m for _, m in spec.named_units(model)]
+    parallelize(model, units=units, policy=FSDPPolicy(fp32_modules=("head", "prototypes")))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     return spec, model, opt
 
