@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .generate import BlockSpec, RegNetConfig, UnitCost, block_cost, stem_cost
 
@@ -185,7 +186,7 @@ def init_weights(module: nn.Module) -> None:
             m.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 m.bias.zero_()
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, _BatchNorm):  # also fsdpkit.SyncBatchNorm, swapped in before init
             m.reset_running_stats()
             m.weight.fill_(1.0)
             m.bias.zero_()

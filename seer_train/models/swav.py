@@ -61,9 +61,16 @@ class SwAVModel(nn.Module):
         self.head = head
         self.prototypes = nn.Linear(head.dims[-1], num_prototypes, bias=False)
 
-    def forward(self, crops: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self, crops: torch.Tensor | Sequence[torch.Tensor], features_only: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``features_only=True`` returns the pooled trunk features (sum B_i, w_trunk) alone
+        (linear evaluation), through the root module so that FSDP's hooks run as in training."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         groups = [torch.cat(crops[s:e]) for s, e in resolution_groups(crops)]
-        z = self.head(self.trunk(groups))  # (sum B_i, out)
+        features = self.trunk(groups)  # (sum B_i, w_trunk)
+        if features_only:
+            return features
+        z = self.head(features)  # (sum B_i, out)
         return z, self.prototypes(z)  # (sum B_i, K)

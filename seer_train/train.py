@@ -1,0 +1,175 @@
+"""SEER's model composition and one SwAV training step, written to be read top to bottom.
+
+:func:`build` turns a preset name into a sharded, checkpointed, initialised model:
+
+1. **plan** — the planner profiles one step symbolically (meta device: no memory, no GPU) and
+   picks the checkpoint segments with the least recomputation under the memory budget;
+2. **checkpointing, sharding, prefetch** — :func:`fsdpkit.parallelize` applies the plan's
+   checkpointing *inside* each unit, shards every unit with FSDP2 (BatchNorm, SwAV head and
+   prototypes in FP32), and wires prefetch so all-gathers overlap compute;
+3. **materialise** — parameters are created on ``meta``, so each rank allocates only its
+   shard (``to_empty``) and initialises it in place.
+
+:func:`train_step` is the whole step; nothing runs from a hook registry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from fsdpkit import LARC, FsdpkitError, FSDPPolicy, get_model_spec, parallelize
+from planner import MemoryConfig, Plan, plan_checkpoints, profile_model
+
+from .loss import SwAVLossConfig, swav_loss
+from .models import PRESETS, SEERPreset, build_swav_model, init_weights
+
+__all__ = ["TrainConfig", "build", "make_optimizer", "normalize_prototypes", "train_step"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainConfig:
+    """Everything that defines the optimisation (SPEC §3 defaults).
+
+    batch_size: images per rank per step; dtype: ``fp32``, ``bf16`` or ``fp16`` (FP16 scales
+    the loss); memory_budget: bytes per rank the plan must fit (None: no checkpointing);
+    prefetch: units all-gathered ahead; sync_bn_group: ranks per SyncBatchNorm group (None:
+    all ranks up to 8, SEER's node); freeze_prototypes_iters: iterations during which the
+    prototypes receive no update.
+    """
+
+    model: str = "tiny"
+    batch_size: int = 16
+    dtype: str = "fp32"
+    memory_budget: int | None = None
+    objective: str = "recompute"
+    prefetch: int = 1
+    sync_bn_group: int | None = None
+    base_lr: float = 0.3
+    warmup_fraction: float = 0.043648
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    trust_coefficient: float = 0.001
+    freeze_prototypes_iters: int = 313
+    loss: SwAVLossConfig = field(default_factory=SwAVLossConfig)
+
+    def __post_init__(self) -> None:
+        if self.model not in PRESETS:
+            raise FsdpkitError(
+                f"unknown SEER preset {self.model!r}; choose from {', '.join(PRESETS)}"
+            )
+        if self.batch_size < 1:
+            raise FsdpkitError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise FsdpkitError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+
+    @property
+    def preset(self) -> SEERPreset:
+        return PRESETS[self.model]
+
+
+def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
+    """Checkpoint plan for ``cfg`` on ``world_size`` FSDP ranks (symbolic: runs on meta).
+
+    Without a memory budget the plan checkpoints nothing (the budget is unbounded).
+    """
+    profile = profile_model(get_model_spec(cfg.model), cfg.batch_size, dtype=cfg.dtype)
+    mem = MemoryConfig(world_size=world_size, sharded=True, prefetch=cfg.prefetch)
+    budget = cfg.memory_budget if cfg.memory_budget is not None else 2**62
+    plan = plan_checkpoints(profile, budget, mem, objective=cfg.objective)
+    if cfg.memory_budget is not None and not plan.fits:
+        raise FsdpkitError(
+            f"{cfg.model} at batch {cfg.batch_size} needs {plan.peak_bytes / 2**30:.2f} GiB per "
+            f"rank even with every unit checkpointed; the budget is "
+            f"{cfg.memory_budget / 2**30:.2f} GiB: lower the batch or add ranks"
+        )
+    return plan
+
+
+def _policy(cfg: TrainConfig, world_size: int) -> FSDPPolicy:
+    group = cfg.sync_bn_group if cfg.sync_bn_group is not None else min(world_size, 8)
+    if world_size % group:
+        raise FsdpkitError(f"--sync-bn-group {group} does not divide world size {world_size}")
+    return FSDPPolicy(
+        param_dtype=cfg.dtype,
+        fp32_modules=("head", "prototypes"),  # Sinkhorn codes and the loss need FP32 scores
+        prefetch=cfg.prefetch,
+        sync_bn_group_size=group,
+    )
+
+
+def build(
+    cfg: TrainConfig, plan: Plan, device: torch.device, seed: int = 0
+) -> tuple[nn.Module, DeviceMesh]:
+    """The SwAV model of ``cfg``: planned, checkpointed, sharded, prefetching, initialised.
+
+    Memory per rank: the model's parameters ÷ world size (nothing is ever whole on one rank).
+    """
+    world = torch.distributed.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    model = build_swav_model(cfg.preset, "meta")  # no storage yet
+    # Checkpointing inside every unit, then sharding bottom-up, then prefetch (fsdpkit.fsdp).
+    parallelize(model, plan=plan, mesh=mesh, policy=_policy(cfg, world))
+    model.to_empty(device=device)  # this rank's shards only
+    torch.manual_seed(seed)
+    init_weights(model)  # pycls init, shard by shard
+    normalize_prototypes(model)
+    return model, mesh
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> LARC:
+    """SGD (momentum, no Nesterov, one group: BN and biases decayed too) inside LARC, whose
+    norms come from one all-reduce over the shards."""
+    sgd = torch.optim.SGD(
+        model.parameters(), lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    return LARC(sgd, trust_coefficient=cfg.trust_coefficient, clip=False, eps=1e-8)
+
+
+@torch.no_grad()
+def normalize_prototypes(model: nn.Module) -> None:
+    """Put every prototype row back on the unit sphere. Rows are sharded whole (dim 0), so
+    each rank normalises its own rows: no communication."""
+    w = model.prototypes.weight
+    local = w.to_local() if isinstance(w, DTensor) else w
+    local.copy_(F.normalize(local, dim=1, p=2))
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: LARC,
+    scaler: torch.amp.GradScaler,
+    crops: list[torch.Tensor],
+    *,
+    iteration: int,
+    lr: float,
+    cfg: TrainConfig,
+) -> dict[str, float]:
+    """One SwAV step on this rank's ``crops`` (n_crops × (B, 3, s_i, s_i), augmented,
+    normalised, on the training device). Returns the loss and the loss scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Forward: each sharded unit is called once with every resolution group (one all-gather
+    # per unit); scores are (n_crops · B, K), crop-major, in FP32.
+    _, scores = model(crops)
+    # Codes of crops 0 and 1 by distributed Sinkhorn (no gradient), swapped prediction loss.
+    loss = swav_loss(scores, len(crops), cfg.loss)
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"iteration {iteration}: the SwAV loss is {loss.item()}")
+    # Backward: gradients reduce-scattered to their shards in FP32; FP16 scales the loss.
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if iteration < cfg.freeze_prototypes_iters:
+        model.prototypes.weight.grad = None  # prototypes frozen early on (SwAV)
+    # LARC (one all-reduce of 2L norms) + SGD; GradScaler unscales first and skips the step
+    # on every rank if any rank saw an inf.
+    scaler.step(optimizer)
+    scaler.update()
+    normalize_prototypes(model)
+    return {"loss": loss.item(), "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
