@@ -27,9 +27,19 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The main job on the embedded default: plan the 10B model, pretrain `tiny` with SwAV on 2 CPU
+# ranks (planner's checkpointing, FSDP, LARC, sharded checkpoints; sliced at the end), then
+# linear evaluation against a random trunk. DEMO_OUT is recreated on every run.
+DEMO_OUT ?= runs/demo
+DEMO_STEPS ?= 300
 demo: $(STAMP)
-	$(VENV)/bin/fsdpkit models
 	$(VENV)/bin/fsdpkit plan --model regnet10b --batch 16
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m seer_train.cli pretrain \
+		--model tiny --data synthetic --batch-size 32 --steps $(DEMO_STEPS) \
+		--memory-budget 64MiB --save-every 100 --workers 1 --out $(DEMO_OUT)
+	$(VENV)/bin/ckpt inspect $(DEMO_OUT)/sliced
+	$(VENV)/bin/seer-train linear-eval --ckpt $(DEMO_OUT)/sliced --data synthetic
 
 bench: $(STAMP)
 	$(PY) bench/bench_models.py

@@ -133,9 +133,8 @@ def apply_fsdp(
                 "FSDPPolicy(batchnorm='replicate') needs torch >= 2.7 "
                 "(fully_shard(ignored_params=...)); use batchnorm='units'"
             )
-        params = [p for m in bns for p in m.parameters()]
-        kw["ignored_params"] = set(params)
-        _average_grads_after_backward(params, mesh.get_group() if mesh else None)
+        kw["ignored_params"] = {p for m in bns for p in m.parameters()}
+        _average_grads_after_backward(bns, mesh.get_group() if mesh else None)
         bns = []
     for m in bns:
         # A BatchNorm runs once per resolution group inside its unit; resharding its 2·C
@@ -156,14 +155,19 @@ def apply_fsdp(
     return list(units)
 
 
-def _average_grads_after_backward(params: list[nn.Parameter], group) -> None:
-    """Average ``params``' gradients over ``group`` with one all-reduce at the end of each
-    backward (queued from the first gradient accumulated, as DDP does)."""
+def _average_grads_after_backward(modules: list[nn.Module], group) -> None:
+    """Average the gradients of ``modules``' parameters over ``group`` with one all-reduce at
+    the end of each backward (queued from the first gradient accumulated, as DDP does).
+
+    Hooks are (re)attached to the parameters each module holds at its forward, not to the
+    objects present now: ``to_empty`` after sharding a meta-built model replaces these
+    replicated parameters with new ones, which would silently drop hooks attached here.
+    """
     queued = [False]
 
     def all_reduce_bucket() -> None:
         queued[0] = False
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for m in modules for p in m.parameters() if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])  # one bucket: one collective
@@ -179,8 +183,14 @@ def _average_grads_after_backward(params: list[nn.Parameter], group) -> None:
             queued[0] = True
             Variable._execution_engine.queue_callback(all_reduce_bucket)
 
-    for p in params:
-        p.register_post_accumulate_grad_hook(on_grad)
+    def attach(module: nn.Module, _args) -> None:
+        for p in module.parameters():
+            if not getattr(p, "_fsdpkit_grad_averaged", False):
+                p.register_post_accumulate_grad_hook(on_grad)
+                p._fsdpkit_grad_averaged = True
+
+    for m in modules:
+        m.register_forward_pre_hook(attach)
 
 
 def set_prefetch(units: Sequence[nn.Module], depth: int) -> None:

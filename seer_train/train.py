@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -118,7 +119,11 @@ def build(
     parallelize(model, plan=plan, mesh=mesh, policy=_policy(cfg, world))
     model.to_empty(device=device)  # this rank's shards only
     torch.manual_seed(seed)
-    init_weights(model)  # pycls init, shard by shard
+    with warnings.catch_warnings():
+        # Each rank draws its own shard from its own generator: correct in distribution, and
+        # what the warning about CPU meshes is about.
+        warnings.filterwarnings("ignore", "DTensor random operators")
+        init_weights(model)  # pycls init, shard by shard
     normalize_prototypes(model)
     return model, mesh
 

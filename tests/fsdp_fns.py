@@ -208,3 +208,24 @@ def vit_profile_plan_train(steps=3):
     err = max(((_full(p) - q).abs().max() / q.abs().max()).item()
               for p, q in zip(model.parameters(), ref.parameters(), strict=True))  # fmt: skip
     return losses, err, [list(s) for s in plan.segments]
+
+
+def replicated_bn_grads_after_meta_init():
+    """Build on meta, parallelize, then ``to_empty`` (new BatchNorm parameter objects): are
+    BatchNorm gradients still averaged over ranks?"""
+    from seer_train.models import init_weights
+
+    spec = get_model_spec("tiny")
+    model = spec.build_model("meta")
+    units = list(spec.units(model))
+    parallelize(model, units=units, policy=FSDPPolicy(batchnorm="replicate"))
+    model.to_empty(device="cpu")
+    init_weights(model)
+    torch.manual_seed(dist.get_rank())
+    _, scores = model(spec.example_input(2, torch.device("cpu")))
+    scores.square().mean().backward()
+    bn = model.trunk.units[0].bn
+    grads = torch.cat([bn.weight.grad, bn.bias.grad])
+    parts = [torch.empty_like(grads) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, grads)
+    return all(torch.equal(parts[0], p) for p in parts)

@@ -4,12 +4,14 @@ import pytest
 from fsdp_fns import (
     mixed_precision_training,
     one_step_collectives,
+    replicated_bn_grads_after_meta_init,
     sharded_matches_single,
     sharded_state_bytes,
     vit_profile_plan_train,
 )
 
 from fsdpkit import FsdpkitError, FSDPPolicy, get_model_spec, parallelize
+from fsdpkit.fsdp import _CAN_IGNORE
 from fsdpkit.testing import run_distributed
 
 PLAN = ((0, 2, True), (2, 4, False), (4, 6, True))
@@ -96,3 +98,10 @@ def test_plan_mismatch_and_missing_units_are_clear_errors():
         FSDPPolicy(param_dtype="fp8")
     with pytest.raises(FsdpkitError, match="GradScaler"):
         FSDPPolicy(param_dtype="fp16", batchnorm="replicate")
+
+
+@pytest.mark.dist
+@pytest.mark.skipif(not _CAN_IGNORE, reason="replicated BatchNorm needs torch >= 2.7")
+def test_replicated_batchnorm_grads_are_averaged_after_meta_init_and_to_empty():
+    # to_empty gives BatchNorm new parameter objects after sharding; hooks must follow them
+    assert run_distributed(replicated_bn_grads_after_meta_init, 2) == [True, True]

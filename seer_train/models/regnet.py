@@ -175,10 +175,14 @@ class RegNetTrunk(nn.Module):
 
 @torch.no_grad()
 def init_weights(module: nn.Module) -> None:
-    """pycls init, applied to every submodule; also resets BatchNorm running statistics.
+    """pycls init for the trunk, PyTorch's default for the SwAV head; also resets BatchNorm
+    running statistics. Safe after ``to_empty`` (it writes every parameter and buffer).
 
-    Conv: N(0, sqrt(2 / (k·k·out_channels))), conv bias 0; BN: weight 1, bias 0; Linear:
-    N(0, 0.01), bias 0. Safe after ``to_empty`` (it writes every parameter and buffer).
+    Conv: N(0, sqrt(2 / (k·k·out_channels))), conv bias 0; BN: weight 1, bias 0. Linear (the
+    SwAV head and prototypes, built from plain ``nn.Linear`` in VISSL): U(±1/sqrt(fan_in)) for
+    weight and bias. pycls's N(0, 0.01) for classifier layers would shrink the head's output
+    ~10× per layer; with LARC, whose zero-norm biases step at the full LR, the biases then
+    dominate the embedding and SwAV collapses within a few steps (measured on ``tiny``).
     """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
@@ -191,6 +195,4 @@ def init_weights(module: nn.Module) -> None:
             m.weight.fill_(1.0)
             m.bias.zero_()
         elif isinstance(m, nn.Linear):
-            m.weight.normal_(0.0, 0.01)
-            if m.bias is not None:
-                m.bias.zero_()
+            m.reset_parameters()

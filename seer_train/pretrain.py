@@ -1,0 +1,220 @@
+"""SwAV pretraining run: data → :func:`~seer_train.train.train_step` → sharded checkpoints.
+
+Run directory ``out``::
+
+    plan.json          the checkpoint plan the model was built with
+    metrics.jsonl      one JSON object per step (rank 0)
+    checkpoints/       sharded checkpoints (``ckpt.save_sharded``), the last ``keep_last``
+    sliced/            per-unit slices of the final checkpoint (``ckpt.reslice``)
+
+A run resumes by itself from the newest complete checkpoint in ``out/checkpoints``, at the
+exact sample: the loader restarts at that step and each step's augmentation is seeded by
+(seed, rank, step), so a resumed run computes bitwise what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ckpt import latest_checkpoint, load_sharded, reslice, save_sharded
+from fsdpkit import FsdpkitError
+
+from .data import ImageFolder, MultiCropSpec, PhotometricAugment, SyntheticImages, pretrain_loader
+from .distributed import Preemption, distributed
+from .schedule import SEERSchedule
+from .train import TrainConfig, build, make_optimizer, make_plan, train_step
+
+__all__ = ["PretrainConfig", "PretrainResult", "open_dataset", "pretrain"]
+
+# Settings that must not change when a run resumes (the LR schedule and the data order
+# depend on them).
+_RESUME_KEYS = ("model", "batch_size", "dtype", "steps", "seed", "data")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PretrainConfig:
+    """A pretraining run.
+
+    steps: iterations of the whole run (the LR schedule's length); stop_after: stop, with a
+    checkpoint, after this many iterations (a later run resumes); save_every: iterations
+    between checkpoints; data: ``synthetic`` or a folder of images (recursive, unlabelled);
+    synthetic_images: size of the synthetic set; workers: loader processes per rank.
+    """
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: str = "synthetic"
+    synthetic_images: int = 4096
+    steps: int = 100
+    stop_after: int | None = None
+    out: str = "runs/seer"
+    save_every: int = 50
+    keep_last: int = 2
+    workers: int = 2
+    seed: int = 0
+    reslice: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.save_every < 1:
+            raise FsdpkitError("--steps and --save-every must be >= 1")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise FsdpkitError("--stop-after must be >= 1")
+
+    def resume_key(self) -> dict[str, Any]:
+        flat = {**asdict(self.train), **asdict(self)}
+        return {k: flat[k] for k in _RESUME_KEYS}
+
+
+@dataclass(frozen=True, slots=True)
+class PretrainResult:
+    """What a run did (rank-local figures are rank 0's)."""
+
+    world_size: int
+    start_step: int
+    end_step: int
+    stopped: str  # "done", "stop_after" or "sigterm"
+    losses: list[float]
+    images_per_s: float
+    peak_memory_bytes: int
+    planned_peak_bytes: int
+    plan_segments: list[tuple[int, int, bool]]
+    images_skipped: dict[str, int]
+    checkpoint: str | None
+    sliced: str | None
+
+
+def open_dataset(data: str, synthetic_images: int, size: int):
+    """``synthetic`` (procedural images, no files) or an image folder."""
+    if data == "synthetic":
+        return SyntheticImages(synthetic_images, size=size)
+    return ImageFolder(data)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _resume(ckpts: Path, model, optimizer, scaler, cfg: PretrainConfig) -> int:
+    latest = latest_checkpoint(ckpts)
+    if latest is None:
+        return 0
+    manifest = load_sharded(latest, model, optimizer)
+    saved = manifest["extra"].get("run", {})
+    for key, value in cfg.resume_key().items():
+        if saved.get(key) != value:
+            raise FsdpkitError(
+                f"{latest}: saved with {key}={saved.get(key)!r}, this run has {value!r}; "
+                "use the same settings or another --out"
+            )
+    if "scaler" in manifest["extra"]:
+        scaler.load_state_dict(manifest["extra"]["scaler"])
+    return manifest["step"]
+
+
+def pretrain(
+    cfg: PretrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None
+) -> PretrainResult:
+    """Run (or resume) SwAV pretraining on every rank of the job; returns rank-0 figures.
+
+    ``on_step(metrics)`` is called on every rank after each step (rank 0 drives progress
+    display); metrics are also appended to ``out/metrics.jsonl`` by rank 0.
+    """
+    tc = cfg.train
+    # Bad data fails here, before any process group or model exists.
+    dataset = open_dataset(cfg.data, cfg.synthetic_images, max(tc.preset.crop_sizes) * 3 // 2)
+    with distributed() as ctx:
+        out = Path(cfg.out)
+        ckpts = out / "checkpoints"
+        plan = make_plan(tc, ctx.world_size)
+        if ctx.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            plan.save(out / "plan.json")
+        model, _ = build(tc, plan, ctx.device, seed=cfg.seed)
+        optimizer = make_optimizer(model, tc)
+        scaler = torch.amp.GradScaler(ctx.device.type, enabled=tc.dtype == "fp16")
+        start = _resume(ckpts, model, optimizer, scaler, cfg)
+        end = min(cfg.steps, cfg.stop_after or cfg.steps)
+        schedule = SEERSchedule(
+            batch_size=tc.batch_size * ctx.world_size, total_iters=cfg.steps,
+            base_lr=tc.base_lr, warmup_fraction=tc.warmup_fraction,
+        )  # fmt: skip
+        spec = MultiCropSpec.from_sizes(tc.preset.crop_sizes)
+        loader = pretrain_loader(
+            dataset, spec, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+            seed=cfg.seed, start_step=start, num_workers=cfg.workers,
+        )  # fmt: skip
+        augment = PhotometricAugment().to(ctx.device)
+        preempt = Preemption()
+        losses, skipped, rates = [], Counter(), []
+        saved_at, stopped, step = start, "done", start
+        metrics_file = open(out / "metrics.jsonl", "a") if ctx.rank == 0 else None  # noqa: SIM115
+        try:
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                crops, info = next(loader)
+                seed = (cfg.seed * 65_537 + ctx.rank) * 1_000_003 + step  # this step, this rank
+                crops = augment([c.to(ctx.device, non_blocking=True) for c in crops], seed=seed)
+                m = train_step(model, optimizer, scaler, crops, iteration=step, lr=schedule(step),
+                               cfg=tc)  # fmt: skip
+                dt = time.perf_counter() - t0
+                skipped.update(info.skipped)
+                losses.append(m["loss"])
+                rates.append(tc.batch_size * ctx.world_size / dt)
+                m |= {"step": step + 1, "lr": schedule(step), "images_per_s": rates[-1],
+                      "step_s": dt, "memory_bytes": _peak_memory(ctx.device),
+                      "images_skipped": sum(skipped.values())}  # fmt: skip
+                if metrics_file:
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                if on_step:
+                    on_step(m)
+                if preempt.requested(ctx.device):
+                    stopped = "sigterm"
+                if (step + 1) % cfg.save_every == 0 or step + 1 == end or stopped == "sigterm":
+                    extra = {"run": cfg.resume_key(), "scaler": scaler.state_dict()}
+                    save_sharded(
+                        ckpts / f"step_{step + 1:08d}", model, optimizer, step=step + 1,
+                        extra=extra, keep_last=cfg.keep_last, units=list(plan.units),
+                    )  # fmt: skip
+                    saved_at = step + 1
+                if stopped == "sigterm":
+                    break
+        finally:
+            preempt.close()
+            if metrics_file:
+                metrics_file.close()
+        done = saved_at if start < end else start
+        if stopped == "done" and done < cfg.steps:
+            stopped = "stop_after"
+        sliced = None
+        last = latest_checkpoint(ckpts)
+        if cfg.reslice and done == cfg.steps and last is not None:
+            sliced = out / "sliced"
+            if ctx.rank == 0 and not sliced.exists():
+                reslice(last, sliced)
+            dist.barrier()
+        return PretrainResult(
+            world_size=ctx.world_size,
+            start_step=start,
+            end_step=done,
+            stopped=stopped,
+            losses=losses,
+            images_per_s=sum(rates[1:]) / max(len(rates) - 1, 1) if rates else 0.0,
+            peak_memory_bytes=_peak_memory(ctx.device),
+            planned_peak_bytes=plan.peak_bytes,
+            plan_segments=[tuple(s) for s in plan.segments],
+            images_skipped=dict(skipped),
+            checkpoint=str(last) if last else None,
+            sliced=str(sliced) if sliced else None,
+        )

@@ -1,0 +1,17 @@
+"""Per-rank bodies for the pretraining tests (spawned ranks import them by name)."""
+
+from seer_train.pretrain import PretrainConfig, pretrain
+from seer_train.train import TrainConfig
+
+
+def tiny_run(out: str, steps: int, stop_after: int | None = None, **kw) -> dict:
+    """A few SwAV steps of ``tiny`` on synthetic images; returns the result as a dict."""
+    cfg = PretrainConfig(
+        train=TrainConfig(model="tiny", batch_size=4, **kw.pop("train", {})),
+        data="synthetic", synthetic_images=64, steps=steps, stop_after=stop_after, out=out,
+        save_every=kw.pop("save_every", 3), workers=kw.pop("workers", 0), **kw,
+    )  # fmt: skip
+    r = pretrain(cfg)
+    return {"losses": r.losses, "start": r.start_step, "end": r.end_step, "stopped": r.stopped,
+            "checkpoint": r.checkpoint, "sliced": r.sliced, "skipped": r.images_skipped,
+            "peak": r.peak_memory_bytes, "planned": r.planned_peak_bytes}  # fmt: skip

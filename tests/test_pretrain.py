@@ -1,0 +1,170 @@
+"""End-to-end SwAV pretraining: resume, SIGTERM, torchrun multi-node, linear evaluation, CLI."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pretrain_fns import tiny_run
+from safetensors import safe_open
+
+from fsdpkit.testing import run_distributed
+from seer_train.cli import main
+from seer_train.distributed import distributed
+from seer_train.train import TrainConfig, build, make_optimizer, make_plan, train_step
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _state(ckpt: str) -> dict[str, torch.Tensor]:
+    """Every parameter, buffer and optimizer tensor of a sharded checkpoint, per rank file."""
+    out = {}
+    for f in sorted(Path(ckpt).glob("rank_*.safetensors")):
+        with safe_open(f, "pt") as st:
+            names = [k for k in st.keys() if not k.startswith("rng/")]  # noqa: SIM118
+            out |= {f"{f.name}:{k}": st.get_tensor(k) for k in names}
+    return out
+
+
+@pytest.mark.dist
+def test_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
+    straight = run_distributed(tiny_run, 2, str(tmp_path / "a"), 6)[0]
+    first = run_distributed(tiny_run, 2, str(tmp_path / "b"), 6, stop_after=3)[0]
+    second = run_distributed(tiny_run, 2, str(tmp_path / "b"), 6)[0]
+    assert (first["stopped"], first["end"], second["start"]) == ("stop_after", 3, 3)
+    assert first["losses"] + second["losses"] == straight["losses"]
+    a, b = _state(straight["checkpoint"]), _state(second["checkpoint"])
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert straight["sliced"] and Path(straight["sliced"], "manifest.json").is_file()
+
+
+def test_prototypes_frozen_then_trained_and_kept_on_the_sphere():
+    cfg = TrainConfig(model="tiny", batch_size=4, freeze_prototypes_iters=1)
+    with distributed() as ctx:
+        model, _ = build(cfg, make_plan(cfg, 1), ctx.device)
+        opt = make_optimizer(model, cfg)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        crops = [torch.randn(4, 3, s, s) for s in cfg.preset.crop_sizes]
+        w0 = model.prototypes.weight.detach().full_tensor().clone()
+        train_step(model, opt, scaler, crops, iteration=0, lr=1.0, cfg=cfg)
+        w1 = model.prototypes.weight.detach().full_tensor().clone()
+        trunk0 = model.trunk.units[0].conv.weight.detach().full_tensor().clone()
+        train_step(model, opt, scaler, crops, iteration=1, lr=1.0, cfg=cfg)
+        w2 = model.prototypes.weight.detach().full_tensor()
+        assert not torch.equal(trunk0, model.trunk.units[0].conv.weight.detach().full_tensor())
+    torch.testing.assert_close(w1, w0, rtol=0, atol=1e-6)  # frozen: only re-normalised
+    assert (w2 - w1).abs().max() > 1e-4
+    torch.testing.assert_close(w2.norm(dim=1), torch.ones(w2.shape[0]))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ARGS = ["pretrain", "--model", "tiny", "--batch-size", "4", "--synthetic-images", "64",
+        "--workers", "0", "--json"]  # fmt: skip
+
+
+@pytest.mark.dist
+def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
+    port = _free_port()
+    agents = [
+        subprocess.Popen(
+            [
+                BIN / "torchrun",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(r),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                "-m",
+                "seer_train.cli",
+                *ARGS,
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "run"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for r in (0, 1)
+    ]
+    outs = [a.communicate(timeout=240) for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    result = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert result["world_size"] == 2 and result["end_step"] == 2 and result["sliced"]
+    assert outs[1][0].strip() == ""  # only global rank 0 prints
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "seer_train.cli", *ARGS, "--steps", "500", "--out", str(out),
+           "--save-every", "1000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        metrics.is_file() and metrics.read_text().count("\n") >= 2
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
+    assert result["stopped"] == "sigterm" and 2 <= result["end_step"] < 500
+    assert Path(result["checkpoint"]).name == f"step_{result['end_step']:08d}"
+    cmd[cmd.index("--json")] = "--stop-after"
+    cmd.insert(cmd.index("--stop-after") + 1, str(result["end_step"] + 1))
+    rerun = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=ENV, timeout=120)
+    resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert resumed["start_step"] == result["end_step"]
+    assert resumed["end_step"] == result["end_step"] + 1
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--data", "/nonexistent/images"], "/nonexistent/images"),
+        (["--memory-budget", "lots"], "lots"),
+        (["--memory-budget", "1KiB"], "budget"),
+        (["--batch-size", "0"], "batch size"),
+        (["--sync-bn-group", "3"], "sync-bn-group"),
+    ],
+)
+def test_bad_pretrain_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    code = main(["pretrain", "--out", str(tmp_path / "x"), "--steps", "1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    run_distributed(tiny_run, 1, out, 4, stop_after=1)
+    code = main([*ARGS, "--steps", "5", "--out", out])
+    err = capsys.readouterr().err
+    assert code == 2 and "steps=4" in err and "another --out" in err
+
+
+def test_linear_eval_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["linear-eval", "--ckpt", str(tmp_path)]) == 2
+    assert "manifest.json" in capsys.readouterr().err
