@@ -104,11 +104,12 @@ def main() -> None:
         is_step = "step_s" in row
         ratio = row["images_per_s"] / (images_s if is_step else per_rank_step)
         peak = row.get("peak_bytes")
+        plan = format_bytes(row["planned_bytes"]) if is_step else ""
         table.add_row(
             row["what"], f"{row['images_per_s']:.1f}", f"{ratio:.2f}×",
-            f"{row['step_s']:.3f}" if is_step else "", 
+            f"{row['step_s']:.3f}" if is_step else "",
             f"{row['tflops_per_rank']:.3g}" if is_step else "",
-            format_bytes(peak) if peak else "", format_bytes(row["planned_bytes"]) if is_step else "",
+            format_bytes(peak) if peak else "", plan,
         )  # fmt: skip
     report(table, Path(args.out), {"args": vars(args), "rows": rows})
 
