@@ -1,14 +1,16 @@
 """Checkpoint benchmark: prints a table and writes bench/results/ckpt.json.
 
 A ``--model`` (default rg32gf: 178 M parameters; parameters + SGD momentum ≈ 1.4 GB) sharded
-by fsdpkit on 2 gloo ranks, all on this machine's disk, one run:
+by fsdpkit on 2 gloo ranks, all on this machine's disk, one run (reslice: ``--repeat``):
 
 - save: ``ckpt.save_sharded`` vs ``torch.distributed.checkpoint.save`` of the same state;
 - reslice: throughput vs a raw sequential copy of the same bytes with fsync (target ≥ 70%),
-  and peak RSS vs loading every shard and consolidating in memory (VISSL's converter);
+  the median of ``--repeat`` rounds that run both, in alternating order, each from a synced
+  disk (one pair of runs on a shared disk swings 0.3× to 3×); and peak RSS (the largest of
+  the rounds) vs loading every shard and consolidating in memory (VISSL's converter);
 - load: ``load_sliced`` on 1 and 3 ranks vs ``dcp.load`` resharding onto 3 ranks.
 
-    python bench/bench_ckpt.py [--model rg32gf] [--dir /tmp/fsdpkit-bench-ckpt]
+    python bench/bench_ckpt.py [--model rg32gf] [--dir /tmp/fsdpkit-bench-ckpt] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -103,19 +106,31 @@ def main() -> None:
     parser.add_argument("--model", default="rg32gf")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/fsdpkit-bench-ckpt"))
     parser.add_argument("--out", type=Path, default=Path("bench/results/ckpt.json"))
+    parser.add_argument("--repeat", type=int, default=3, help="raw copy / reslice rounds")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be >= 1")
     shutil.rmtree(args.dir, ignore_errors=True)
     args.dir.mkdir(parents=True)
     root = str(args.dir)
     saves = run_distributed(save_both, 2, args.model, root, timeout_s=1800)[0]
     shard_bytes = sum(f.stat().st_size for f in (args.dir / "sharded").iterdir())
-    os.sync()  # start each disk measurement without the previous one's dirty pages
-    copy_s = _raw_copy(args.dir / "sharded", args.dir / "copy")
-    os.sync()
-    reslice_s, reslice_rss = _child(
-        "from ckpt import reslice",
-        f"reslice({root!r} + '/sharded', {root!r} + '/sliced', with_optimizer=True)",
-    )
+    copies, reslices, rss = [], [], []
+    for r in range(args.repeat):
+        for what in ("copy", "sliced")[:: 1 if r % 2 == 0 else -1]:  # neither always goes first
+            shutil.rmtree(args.dir / what, ignore_errors=True)
+            os.sync()  # start each disk measurement without the previous one's dirty pages
+            if what == "copy":
+                copies.append(_raw_copy(args.dir / "sharded", args.dir / "copy"))
+            else:
+                t, peak = _child(
+                    "from ckpt import reslice",
+                    f"reslice({root!r} + '/sharded', {root!r} + '/sliced', with_optimizer=True)",
+                )
+                reslices.append(t)
+                rss.append(peak)
+    copy_s, reslice_s = statistics.median(copies), statistics.median(reslices)
+    reslice_rss = max(rss)
     consolidate_s, consolidate_rss = _child(
         "from pathlib import Path; import torch; from safetensors.torch import load_file",
         f"files = sorted(Path({root!r}, 'sharded').glob('*.safetensors'))\n"
@@ -141,7 +156,8 @@ def main() -> None:
          loads[3]["dcp_load_s"]),
     ]  # fmt: skip
     table = Table(title=f"{args.model}: {shard_bytes / 2**30:.2f} GiB sharded state "
-                  f"(parameters + momentum), 2 ranks, one run")  # fmt: skip
+                  f"(parameters + momentum), 2 ranks, reslice rows: median of {args.repeat}"
+                  )  # fmt: skip
     for col in ("what", "ours", "", "peer", " ", "ours ÷ peer"):
         table.add_column(col, justify="right" if col not in ("what",) else "left")
     for what, a, va, b, vb in rows:
@@ -151,6 +167,7 @@ def main() -> None:
     report(table, args.out, {
         "model": args.model, "sharded_bytes": shard_bytes, "largest_unit_bytes": largest_unit,
         "save": saves, "raw_copy_s": copy_s, "reslice_s": reslice_s,
+        "raw_copy_runs_s": copies, "reslice_runs_s": reslices, "reslice_runs_peak_rss": rss,
         "reslice_throughput_vs_copy": copy_s / reslice_s, "reslice_peak_rss": reslice_rss,
         "consolidate_s": consolidate_s, "consolidate_peak_rss": consolidate_rss,
         "rss_target": 2 * largest_unit + 300 * 2**20, "load": loads,
@@ -158,6 +175,8 @@ def main() -> None:
     print(f"reslice throughput = {copy_s / reslice_s:.0%} of a raw copy (target ≥ 70%); peak "
           f"RSS {reslice_rss / 2**20:,.0f} MiB vs target {(2 * largest_unit) / 2**20 + 300:,.0f}"
           f" MiB (2 × largest unit + 300 MB)")  # fmt: skip
+    rounds = [f"{c:.2f}/{t:.2f} = {c / t:.0%}" for c, t in zip(copies, reslices, strict=True)]
+    print("rounds (raw copy s / reslice s = ratio): " + ", ".join(rounds))
     shutil.rmtree(args.dir, ignore_errors=True)
 
 

@@ -5,6 +5,8 @@ safetensors is an 8-byte little-endian header length, a JSON header (dtype, shap
 the whole file in memory first (one more copy of a rank's shard); this writer streams tensor by
 tensor, checksums on the way out and fsyncs, and any safetensors reader opens the result.
 CRC-32 (zlib) detects flipped bytes and truncation; it is not a defence against tampering.
+``crc32_combine`` gives the CRC-32 of a concatenation from its parts' CRC-32s without reading
+the bytes again (``reslice`` derives each full tensor's checksum from its verified shards').
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +26,14 @@ import torch
 from fsdpkit import FsdpkitError
 
 __all__ = [
+    "ST_DTYPES",
     "CheckpointError",
+    "crc32_combine",
     "crc32_of_range",
     "dim0_rows",
     "fsync_dir",
     "read_header",
+    "safetensors_header",
     "write_safetensors",
 ]
 
@@ -37,6 +43,8 @@ _DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 _CHUNK = 64 << 20  # bytes hashed/read at a time
+# safetensors dtype and bytes per element, by the dtype name manifests record ("float32")
+ST_DTYPES = {str(k).removeprefix("torch."): (v, k.itemsize) for k, v in _DTYPES.items()}
 
 
 class CheckpointError(FsdpkitError):
@@ -49,35 +57,46 @@ def _raw(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def safetensors_header(
+    tensors: Sequence[tuple[str, str, list[int], int]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """The bytes before the data of a safetensors file holding ``tensors`` (name, safetensors
+    dtype such as ``F32``, shape, size in bytes) in this order, and each tensor's byte range
+    in the file (from the start of the file)."""
+    header: dict[str, Any] = {"__metadata__": metadata or {}}
+    ranges, pos = [], 0
+    for name, dtype, shape, n in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + n]}
+        ranges.append((pos, pos + n))
+        pos += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data section
+    base = 8 + len(blob)
+    return struct.pack("<Q", len(blob)) + blob, [(base + b, base + e) for b, e in ranges]
+
+
 def write_safetensors(
     path: Path, tensors: Sequence[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None
 ) -> dict[str, dict[str, Any]]:
     """Write ``tensors`` to ``path`` (fsynced); returns per tensor dtype, shape, byte range in
     the file (``offsets``, from the start of the file) and ``crc32``."""
-    header: dict[str, Any] = {"__metadata__": metadata or {}}
-    pos = 0
     for name, t in tensors:
         if t.dtype not in _DTYPES:
             raise CheckpointError(f"{path.name}: tensor {name}: dtype {t.dtype} not supported")
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [pos, pos + n]}  # fmt: skip
-        pos += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data section
-    base = 8 + len(blob)
+    head, ranges = safetensors_header(
+        [(n, _DTYPES[t.dtype], list(t.shape), t.numel() * t.element_size()) for n, t in tensors],
+        metadata,
+    )
     index: dict[str, dict[str, Any]] = {}
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for name, t in tensors:
+        f.write(head)
+        for (name, t), (begin, end) in zip(tensors, ranges, strict=True):
             raw = _raw(t)
             f.write(raw)
-            begin, end = header[name]["data_offsets"]
             index[name] = {
                 "dtype": str(t.dtype).removeprefix("torch."),
                 "shape": list(t.shape),
-                "offsets": [base + begin, base + end],
+                "offsets": [begin, end],
                 "crc32": zlib.crc32(raw),
             }
         f.flush()
@@ -113,6 +132,50 @@ def crc32_of_range(path: Path, begin: int, end: int) -> int:
             crc = zlib.crc32(chunk, crc)
             left -= len(chunk)
     return crc
+
+
+# CRC-32 arithmetic: a CRC is a polynomial over GF(2) modulo _POLY, stored bit-reflected (the
+# top bit of the int is the coefficient of x^0). Feeding n more bytes multiplies the register
+# by x^(8n) mod _POLY before adding theirs, so crc(a + b) = crc(a)·x^(8·len(b)) ⊕ crc(b) (zlib's
+# inversion of the register before and after cancels out in this sum).
+_POLY = 0xEDB88320  # CRC-32 (zlib, IEEE 802.3), reflected
+
+
+def _mulmod(a: int, b: int) -> int:
+    """a(x)·b(x) mod _POLY, both reflected; 32 shift/xor steps at most."""
+    product, bit = 0, 1 << 31
+    while a:
+        if a & bit:
+            product ^= b
+            a ^= bit
+        bit >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1  # b·x mod _POLY
+    return product
+
+
+_X2K = [1 << 30]  # x^(2^k) mod _POLY for k = 0, 1, ...: x^1 is bit 30 reflected
+for _ in range(63):
+    _X2K.append(_mulmod(_X2K[-1], _X2K[-1]))
+
+
+@lru_cache(maxsize=256)  # a reslice asks for the same few shard and chunk lengths again
+def _x_pow_8n(n: int) -> int:
+    """x^(8n) mod _POLY: by the binary digits of 8n, O(log n) multiplications."""
+    power, k, e = 1 << 31, 0, 8 * n  # x^0
+    while e:
+        if e & 1:
+            power = _mulmod(_X2K[k], power)
+        e >>= 1
+        k += 1
+    return power
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """``zlib.crc32(a + b)`` from ``crc1 = zlib.crc32(a)``, ``crc2 = zlib.crc32(b)`` and
+    ``len2 = len(b)`` in bytes, without the bytes."""
+    if len2 < 0 or len2 >= 1 << 60:
+        raise ValueError(f"crc32_combine: length {len2} out of range")
+    return _mulmod(_x_pow_8n(len2), crc1) ^ crc2 if len2 else crc1
 
 
 def dim0_rows(rows: int, world: int, rank: int) -> tuple[int, int]:

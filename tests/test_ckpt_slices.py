@@ -1,8 +1,16 @@
 """Sharded → sliced: one file per unit, streamed and resumable; slices load on any world size."""
 
 import json
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +23,9 @@ from ckpt_fns import (
     train_and_save,
 )
 
+import ckpt.sliced
 from ckpt import CheckpointError, load_sliced, reslice, save_sharded, unit_of
+from ckpt._format import crc32_of_range, write_safetensors
 from fsdpkit import get_model_spec
 from fsdpkit.testing import run_distributed
 
@@ -120,3 +130,136 @@ def test_a_non_regnet_model_saves_reslices_and_loads(tmp_path):
     assert all(
         torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
     )
+
+
+def _trained_tiny():
+    torch.manual_seed(0)
+    model = get_model_spec("tiny").build_model("cpu")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return model, opt
+
+
+def _checksums_match_the_bytes(dst):
+    info = json.loads((dst / "manifest.json").read_text())
+    for name, t in info["tensors"].items():
+        assert crc32_of_range(dst / t["file"], *t["offsets"]) == t["crc32"], name
+    return info
+
+
+def test_reslice_writes_exactly_what_write_safetensors_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.sliced, "_CHUNK", 4096)  # tensors span many chunks
+    model, opt = _trained_tiny()
+    save_sharded(tmp_path / "sharded", model, opt, step=1)
+    reslice(tmp_path / "sharded", tmp_path / "sliced", with_optimizer=True, workers=3)
+    info = _checksums_match_the_bytes(tmp_path / "sliced")
+    full = {f"param/{n}": p for n, p in model.named_parameters()}
+    full |= {f"buffer/{n}": b for n, b in model.named_buffers()}
+    for n, p in model.named_parameters():
+        full |= {f"optim/{n}/{k}": v for k, v in opt.state[p].items()}
+    for fname, f in info["files"].items():
+        names = [n for n, t in info["tensors"].items() if t["file"] == fname]
+        index = write_safetensors(tmp_path / "expected", [(n, full[n]) for n in names])
+        assert (tmp_path / "sliced" / fname).read_bytes() == (tmp_path / "expected").read_bytes()
+        for n in names:  # and the manifest records what write_safetensors returns
+            where = {"unit": f["unit"], "file": fname, "kind": n.split("/")[0]}
+            assert info["tensors"][n] == index[n] | where, n
+
+
+@pytest.mark.dist
+def test_uneven_and_empty_shards_from_three_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.sliced, "_CHUNK", 1000)  # chunks that split rows
+    src, dst = tmp_path / "sharded", tmp_path / "sliced"
+    saved = run_distributed(train_and_save, 3, src)[0]
+    shards = [
+        t["shards"] for t in json.loads((src / "manifest.json").read_text())["tensors"].values()
+    ]
+    assert any(len({s["rows"] for s in sh}) > 1 for sh in shards)  # uneven rows: the case at hand
+    reslice(src, dst, with_optimizer=True)
+    _checksums_match_the_bytes(dst)
+    model = get_model_spec("tiny").build_model("cpu")
+    load_sliced(dst, model)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), saved, strict=True))
+
+
+def test_corrupt_truncated_or_untiled_shards_stop_reslice_and_rerun_finishes(tmp_path):
+    model, opt = _trained_tiny()
+    src, dst = tmp_path / "sharded", tmp_path / "sliced"
+    save_sharded(src, model, opt, step=1)
+    manifest = json.loads((src / "manifest.json").read_text())
+    params = [n for n, t in manifest["tensors"].items() if t["kind"] == "param"]
+    name = max(params, key=lambda n: math.prod(manifest["tensors"][n]["shape"]))
+    meta = manifest["tensors"][name]
+    shard = src / meta["shards"][0]["file"]
+    good = shard.read_bytes()
+    begin, end = meta["shards"][0]["offsets"]
+    at = (begin + end) // 2
+    shard.write_bytes(good[:at] + bytes([good[at] ^ 1]) + good[at + 1 :])
+    with pytest.raises(CheckpointError, match=f"tensor {re.escape(name)}: checksum mismatch"):
+        reslice(src, dst, with_optimizer=True)
+    assert not dst.exists()
+    shard.write_bytes(good[:at])
+    with pytest.raises(CheckpointError, match=f"tensor {re.escape(name)}: truncated"):
+        reslice(src, dst, with_optimizer=True)
+    shard.write_bytes(good)
+    meta["shards"][0]["row_offset"] = 1
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        CheckpointError, match=f"tensor {re.escape(name)}: its shards do not tile its rows"
+    ):
+        reslice(src, dst, with_optimizer=True)
+    meta["shards"][0]["row_offset"] = 0
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    assert not dst.exists()
+    reslice(src, dst, with_optimizer=True)
+    fresh = get_model_spec("tiny").build_model("cpu")
+    load_sliced(dst, fresh)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
+
+
+def _reslicer(src, dst, started):
+    ckpt.sliced._CHUNK = 1024  # a slow reslice (~0.2 s for the tiny model) for kills to land in
+    started.set()
+    reslice(src, dst, with_optimizer=True)
+
+
+def test_sigkill_during_reslice_never_leaves_complete_looking_bad_slices(tmp_path, monkeypatch):
+    model, opt = _trained_tiny()
+    src, dst = tmp_path / "sharded", tmp_path / "sliced"
+    save_sharded(src, model, opt, step=1)
+    monkeypatch.setattr(ckpt.sliced, "_CHUNK", 1024)
+    t0 = time.perf_counter()
+    reslice(src, tmp_path / "timed", with_optimizer=True)
+    whole = time.perf_counter() - t0  # kill within that long after a reslice starts
+    rng, ctx = random.Random(0), mp.get_context("fork")
+    interrupted = 0
+
+    def check():  # complete-looking slices are complete and exact
+        _checksums_match_the_bytes(dst)
+        fresh = get_model_spec("tiny").build_model("cpu")
+        load_sliced(dst, fresh)
+        pairs = zip(model.parameters(), fresh.parameters(), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+
+    for _ in range(16):
+        started = ctx.Event()
+        proc = ctx.Process(target=_reslicer, args=(src, dst, started))
+        proc.start()
+        assert started.wait(60)
+        time.sleep(rng.uniform(0.0, whole))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        if dst.exists():
+            check()
+            shutil.rmtree(dst)  # start over
+        else:
+            interrupted += 1  # the next run resumes it
+    if not dst.exists():
+        reslice(src, dst, with_optimizer=True)
+    check()
+    print(f"{interrupted} of 16 kills interrupted a reslice")
+    assert interrupted >= 3, interrupted  # the kills did land in the middle of reslices
