@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--with-optimizer", action="store_true", help="also slice optimizer state")
-    p.add_argument("--workers", type=int, default=4, help="parallel shard reads")
+    p.add_argument("--workers", type=int, default=4, help="threads copying chunks in parallel")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_reslice)
     p = sub.add_parser("inspect", help="step, world size, tensors, dtypes and bytes")
