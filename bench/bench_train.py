@@ -91,11 +91,11 @@ def main() -> None:
              "checkpointed": r0["segments"]}]  # fmt: skip
     if not args.no_loader:
         sys.path.insert(0, str(Path(__file__).parent))
-        from bench_data import loader_rows
+        from bench_data import measure
 
-        for row in loader_rows(quick=True):
-            rows.append({"what": f"loader per rank: {row['what']}",
-                         "images_per_s": row["images_per_s"]})  # fmt: skip
+        for row in measure(args.batch, batches=4, jpegs=128, repeats=1):
+            what = f"{row['stage']} per rank: {row['data']}, {row['workers']} workers"
+            rows.append({"what": what, "images_per_s": row["images_per_s"]})
     table = Table(title=f"SwAV training step vs loader ({args.device})")
     for col in ("what", "images/s", "vs step", "step s", "TFLOP/s/rank", "peak", "plan"):
         table.add_column(col, justify="left" if col == "what" else "right")
