@@ -32,7 +32,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         what = "sizes and checksums" if result["checksums"] else "sizes"
-        print(f"{args.path}: complete; {result['files']} files, {n} tensor shards; {what} ok")
+        print(f"{args.path}: complete; {result['files']} files, {n} tensors or shards; {what} ok")
     return 0
 
 
@@ -41,11 +41,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
+    world = "source world size" if info["kind"] == "sliced" else "world size"
     title = (
-        f"{args.path}: step {info['step']}, world size {info['world_size']}, "
+        f"{args.path}: {info['kind']}, step {info['step']}, {world} {info['world_size']}, "
         f"{info['files']} files, {format_bytes(info['total_bytes'])}"
     )
-    table = Table(title=title, box=box.SIMPLE_HEAD)
+    stdout_console().print(title, highlight=False)
+    table = Table(box=box.SIMPLE_HEAD)
     table.add_column("kind")
     table.add_column("tensors", justify="right")
     table.add_column("bytes", justify="right")

@@ -39,11 +39,10 @@ from ._format import (
     safetensors_header,
 )
 from ._optim import restore_optimizer
-from .verify import MANIFEST, read_manifest
+from .verify import MANIFEST, SLICED_FORMAT, read_manifest, read_sliced_manifest
 
 __all__ = ["SLICED_FORMAT", "load_sliced", "reslice", "unit_of"]
 
-SLICED_FORMAT = "fsdpkit-sliced"
 _JOURNAL = "done.jsonl"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
            "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
@@ -289,22 +288,6 @@ def reslice(
     return dst
 
 
-def _read_sliced_manifest(path: Path) -> dict[str, Any]:
-    mf = path / MANIFEST
-    try:
-        manifest = json.loads(mf.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not a complete sliced checkpoint (no {MANIFEST})") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{mf}: unreadable manifest: {e}") from None
-    if manifest.get("format") != SLICED_FORMAT:
-        raise CheckpointError(f"{mf}: not an fsdpkit sliced checkpoint")
-    for name in manifest["files"]:
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            raise CheckpointError(f"{mf}: file name {name!r} leaves the checkpoint")
-    return manifest
-
-
 def _tensor(data: bytes, dtype: str) -> torch.Tensor:
     if not data:
         return torch.empty(0, dtype=_DTYPES[dtype])
@@ -319,7 +302,7 @@ def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str,
     manifest with ``bytes_read`` on this rank.
     """
     path = Path(path)
-    manifest = _read_sliced_manifest(path)
+    manifest = read_sliced_manifest(path)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     targets: dict[str, torch.Tensor] = {f"param/{n}": p for n, p in model.named_parameters()}
     targets |= {f"buffer/{n}": b for n, b in model.named_buffers()}

@@ -9,9 +9,18 @@ from typing import Any
 
 from ._format import CheckpointError, crc32_of_range, read_header
 
-__all__ = ["FORMAT", "VERSION", "inspect", "read_manifest", "verify"]
+__all__ = [
+    "FORMAT",
+    "SLICED_FORMAT",
+    "VERSION",
+    "inspect",
+    "read_manifest",
+    "read_sliced_manifest",
+    "verify",
+]
 
 FORMAT = "fsdpkit-sharded"
+SLICED_FORMAT = "fsdpkit-sliced"
 VERSION = 1
 MANIFEST = "manifest.json"
 
@@ -48,19 +57,55 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def read_sliced_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete sliced checkpoint (``ckpt reslice``); CheckpointError
+    (one line) otherwise."""
+    root = Path(path)
+    mf = root / MANIFEST
+    try:
+        manifest = json.loads(mf.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{root}: not a complete sliced checkpoint (no {MANIFEST})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{mf}: unreadable manifest: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SLICED_FORMAT:
+        raise CheckpointError(f"{mf}: not an fsdpkit sliced checkpoint")
+    for name in manifest["files"]:
+        _safe_file(root, name)
+    return manifest
+
+
+def _either(root: Path) -> tuple[str, dict[str, Any]]:
+    """``("sharded" | "sliced", manifest)``, the sliced one seen as one shard per tensor."""
+    try:
+        fmt = json.loads((root / MANIFEST).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # read_manifest below gives the precise one-line error
+    if fmt != SLICED_FORMAT:
+        return "sharded", read_manifest(root)
+    sliced = read_sliced_manifest(root)
+    tensors = {
+        n: {**t, "shards": [{"file": t["file"], "offsets": t["offsets"], "crc32": t["crc32"]}]}
+        for n, t in sliced["tensors"].items()
+    }
+    return "sliced", sliced | {"world_size": sliced["source_world_size"], "tensors": tensors}
+
+
 def verify(
     path: str | Path, *, checksums: bool = True, files: Collection[str] | None = None
 ) -> dict[str, Any]:
-    """Check that every file is present with its size and header, and (``checksums``) that
-    every tensor's bytes match their CRC-32 (only in ``files``, when given: what one rank
-    reads). Returns the manifest; raises CheckpointError naming the first file and tensor at
+    """Check that every file of a sharded or sliced checkpoint is present with its size and
+    header, and (``checksums``) that every tensor's bytes match their CRC-32 (only in
+    ``files``, when given: what one rank reads). Returns the manifest (a sliced one with one
+    ``shards`` entry per tensor); raises CheckpointError naming the first file and tensor at
     fault."""
     root = Path(path)
-    manifest = read_manifest(root)
+    _, manifest = _either(root)
     for name, info in manifest["files"].items():
         f = _safe_file(root, name)
         if not f.is_file():
-            raise CheckpointError(f"{f}: missing (rank {info['rank']}'s shard)")
+            owner = f"rank {info['rank']}'s shard" if "rank" in info else f"unit {info['unit']}"
+            raise CheckpointError(f"{f}: missing ({owner})")
         size = f.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"{f}: {size} bytes, the manifest says {info['bytes']}")
@@ -78,8 +123,9 @@ def verify(
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
-    """A summary: step, world size, tensors by kind with dtypes and bytes, total bytes."""
-    manifest = read_manifest(path)
+    """A summary of a sharded or sliced checkpoint: step, (source) world size, tensors by kind
+    with dtypes and bytes, total bytes, units (sliced)."""
+    kind, manifest = _either(Path(path))
     kinds: dict[str, dict[str, int]] = {}
     dtypes: dict[str, int] = {}
     for t in manifest["tensors"].values():
@@ -90,6 +136,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
         dtypes[t["dtype"]] = dtypes.get(t["dtype"], 0) + nbytes
     return {
         "path": str(path),
+        "kind": kind,
         "format": manifest["format"],
         "version": manifest["version"],
         "step": manifest["step"],
@@ -98,5 +145,6 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "kinds": kinds,
         "dtypes": dtypes,
         "total_bytes": sum(f["bytes"] for f in manifest["files"].values()),
+        "units": len(manifest.get("units", [])),
         "extra": manifest.get("extra", {}),
     }

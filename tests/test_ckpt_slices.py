@@ -106,6 +106,30 @@ def test_cli_reslice(tmp_path):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
 
 
+def test_verify_and_inspect_read_sliced_checkpoints(tmp_path):
+    model = get_model_spec("tiny").build_model("cpu")
+    save_sharded(tmp_path / "sharded", model, step=3)
+    reslice(tmp_path / "sharded", tmp_path / "sliced")
+    script = Path(sys.executable).parent / "ckpt"
+
+    def ckpt(*args):
+        return subprocess.run([script, *map(str, args)], capture_output=True, text=True)
+
+    ok = ckpt("verify", tmp_path / "sliced", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["ok"]
+    info = json.loads(ckpt("inspect", tmp_path / "sliced", "--json").stdout)
+    assert (info["kind"], info["step"], info["world_size"], info["units"]) == ("sliced", 3, 1, 10)
+    manifest = json.loads((tmp_path / "sliced" / "manifest.json").read_text())
+    name, meta = next((n, t) for n, t in manifest["tensors"].items() if t["kind"] == "param")
+    f = tmp_path / "sliced" / meta["file"]
+    data = bytearray(f.read_bytes())
+    data[meta["offsets"][0]] ^= 0xFF
+    f.write_bytes(bytes(data))
+    bad = ckpt("verify", tmp_path / "sliced")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert str(f) in bad.stderr and name in bad.stderr and "checksum" in bad.stderr
+
+
 @pytest.mark.dist
 def test_training_resumes_on_three_ranks_from_a_two_rank_checkpoint(tmp_path):
     src, dst = tmp_path / "sharded", tmp_path / "sliced"
