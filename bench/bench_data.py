@@ -5,11 +5,13 @@ One *image* is its full multi-crop set (``tiny`` preset: 2 × 64 px + 4 × 32 px
 - ``loader``: :func:`seer_train.data.pretrain_loader` images/s (decode + 6 random resized crops
   + flips + collate, uint8 out), on :class:`SyntheticImages` (96 px, generated on the fly) and
   on an :class:`ImageFolder` of 256 × 256 JPEGs written to a temp dir, with 0, 1 and 2 workers;
-  worker start-up is excluded (one batch is taken first), the median of ``--repeats`` is kept;
+  worker start-up is excluded (one batch is taken first), the median of ``--repeats`` is kept.
+  The consumer does nothing here, so 0 workers uses the main process fully; in training the
+  main process is busy and only workers overlap loading with the step;
 - ``augment``: :class:`PhotometricAugment` (kornia) on this CPU, images/s for one batch of
   every crop (on a GPU this stage is a few kernels per batch).
 
-    python bench/bench_data.py [--batch-size 32] [--batches 8] [--jpegs 512]
+    python bench/bench_data.py [--batch-size 32] [--batches 16] [--jpegs 512]
 
 :func:`measure` returns the rows, for reuse (e.g. against the training step's time).
 """
@@ -17,6 +19,7 @@ One *image* is its full multi-crop set (``tiny`` preset: 2 × 64 px + 4 × 32 px
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -75,7 +78,7 @@ def augment_images_per_s(spec: MultiCropSpec, batch_size: int, repeats: int) -> 
 
 
 def measure(
-    batch_size: int = 32, batches: int = 8, jpegs: int = 512, repeats: int = 3
+    batch_size: int = 32, batches: int = 16, jpegs: int = 512, repeats: int = 3
 ) -> list[dict]:
     """All rows: {stage, data, workers, images_per_s, ms_per_image, batch_size, crops}."""
     crops = "+".join(f"{SPEC.sizes.count(s)}×{s}" for s in dict.fromkeys(SPEC.sizes))
@@ -114,7 +117,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=8, help="timed batches per run")
+    parser.add_argument("--batches", type=int, default=16, help="timed batches per run")
     parser.add_argument("--jpegs", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/results/data.json"))
@@ -135,7 +138,12 @@ def main() -> None:
             f"{r['images_per_s']:,.0f}",
             f"{r['ms_per_image']:.2f}",
         )
-    meta = {"threads": torch.get_num_threads(), "batch_size": args.batch_size}
+    # The machine may be shared: the load average says how much to trust the figures.
+    meta = {
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "load_avg_1min": os.getloadavg()[0],
+    }
     report(table, args.out, {"spec": "tiny", **meta, "rows": rows})
 
 

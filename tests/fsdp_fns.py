@@ -75,7 +75,9 @@ def sharded_matches_single(segments, steps=5, policy_kw=None):
         ref_opt.step()
         ref_losses.append(ref_loss.item())
     params = [_full(p) for p in model.parameters()]
-    err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+    # relative to max(|b|, 0.1): zero-initialised biases that moved ~1e-4 are compared at an
+    # absolute ~1e-6, where FP32 reduction order (sharded vs whole batch) already shows.
+    err = max(((a - b).abs().max() / b.abs().max().clamp_min(0.1)).item()
               for a, b in zip(params, ref.parameters(), strict=True))  # fmt: skip
     return losses, ref_losses, err, comm, sharded_units(model)
 

@@ -9,12 +9,15 @@ linear classifier on its frozen features beats the same classifier on a random t
   of it. Orientation classes are flip-symmetric (horizontal, vertical, either diagonal): a
   horizontal flip never turns one class into another.
 - **nuisances are random and independent of the class**: the two ink colours (any RGB, with a
-  luminance contrast of at least 60 levels so the pattern stays visible, and varying smoothly
-  across the image so that two crops rarely share them), pattern period (×2.4 range: scale is
-  what random resized crops change), phase, orientation jitter (±10°), edge sharpness, an
-  illumination gradient and pixel noise. A random conv trunk sees mostly colour, brightness and
-  frequency; SwAV's colour jitter, grayscale and multi-scale crops teach invariance to exactly
-  those, so its features keep the family.
+  luminance contrast of at least 60 levels so the pattern stays visible), pattern period (×2.4
+  range: scale is what random resized crops change), phase, orientation jitter (±10°), edge
+  sharpness, an illumination gradient and pixel noise. A random conv trunk sees mostly colour,
+  brightness and frequency; SwAV's colour jitter, grayscale and multi-scale crops teach
+  invariance to exactly those, so its features can keep the family.
+- ``colour_cells > 1`` makes the inks vary smoothly across the image, so that two crops share
+  less colour (a weaker shortcut for SwAV); but the global average pool of a random trunk then
+  averages colour out, and its linear probe got *better* (38 % vs 27 % on 10 classes, tiny
+  RegNet, 64 px), so the default keeps one pair of inks per image.
 
 Every image is a pure function of ``(seed, index)``: the same on every process, worker and run.
 """
@@ -61,7 +64,7 @@ class SyntheticImages:
         num_classes: int = 10,
         size: int = 96,
         seed: int = 0,
-        colour_cells: int = 3,
+        colour_cells: int = 1,
     ) -> None:
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -149,8 +152,7 @@ class SyntheticImages:
         ok = sign * ((inks[..., 1, :] - inks[..., 0, :]) @ lum) >= 60
         pick = inks[np.arange(g * g), np.argmax(ok, axis=1)]  # (g·g, 2, 3); rare miss: any pair
         pick = pick.reshape(g, g * 6).astype(np.float32)
-        # Inks vary smoothly over the image (bilinear between g × g anchors), so two crops of
-        # one image rarely share colours: colour cannot be SwAV's shortcut between views.
+        # Inks interpolated bilinearly between g × g anchors (g = 1: constant inks).
         rows = (self._w @ pick).reshape(self.size, g, 6)  # (S_y, g, 6)
         field = self._w @ rows  # (S_y, S_x, 6)
         bg, fg = field[..., :3], field[..., 3:]
