@@ -3,7 +3,8 @@
 The trunk comes from a *sliced* checkpoint (``ckpt reslice``), loaded on any world size: on
 one rank into a whole model, on several into an FSDP-sharded one where each rank reads only
 its rows of each tensor (``ckpt.load_sliced``). Features are pooled trunk outputs
-(N, w_trunk), extracted in eval mode (BatchNorm running statistics) and shared by all ranks;
+(N, w_trunk), extracted in eval mode after both trunks' BatchNorm statistics are re-estimated
+on the training images (:func:`recalibrate_batchnorm`), and shared by all ranks;
 the classifier is a multinomial logistic regression on standardised features trained
 full-batch with L-BFGS (deterministic, no learning rate to tune). The baseline runs the same
 protocol on a randomly initialised trunk of the same architecture, so the gap is what
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckpt import load_sliced
 from ckpt._format import CheckpointError
@@ -29,7 +31,13 @@ from .data import LabelledImageFolder, SyntheticImages, eval_loader
 from .distributed import distributed
 from .models import PRESETS, build_swav_model
 
-__all__ = ["LinearEvalConfig", "LinearEvalResult", "fit_linear", "linear_eval"]
+__all__ = [
+    "LinearEvalConfig",
+    "LinearEvalResult",
+    "fit_linear",
+    "linear_eval",
+    "recalibrate_batchnorm",
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,8 +149,32 @@ def fit_linear(
     return clf
 
 
-def _accuracy(model, train, val, size, cfg, device, classes) -> tuple[float, int]:
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, dataset, size: int, batch_size: int, device) -> None:
+    """Re-estimate every BatchNorm's running statistics on ``dataset`` (cumulative average
+    over this rank's share, then averaged over ranks), weights untouched.
+
+    Both trunks get the same BatchNorm treatment this way: the pretrained one's stored
+    statistics describe augmented multi-crop batches, the random one's are the initial 0/1,
+    and either would bias the comparison."""
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for batch in eval_loader(dataset, size, batch_size, rank=rank, world_size=world):
+        model(batch.images.to(device), features_only=True)
+    if world > 1:
+        for m in bns:
+            for t in (m.running_mean, m.running_var):
+                dist.all_reduce(t)
+                t /= world
     model.eval()
+
+
+def _accuracy(model, train, val, size, cfg, device, classes) -> tuple[float, int]:
+    recalibrate_batchnorm(model, train, size, cfg.batch_size, device)
     xt, yt = _features(model, train, size, cfg.batch_size, device)
     xv, yv = _features(model, val, size, cfg.batch_size, device)
     mean, std = xt.mean(0), xt.std(0).clamp_min(1e-6)

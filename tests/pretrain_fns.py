@@ -15,3 +15,12 @@ def tiny_run(out: str, steps: int, stop_after: int | None = None, **kw) -> dict:
     return {"losses": r.losses, "start": r.start_step, "end": r.end_step, "stopped": r.stopped,
             "checkpoint": r.checkpoint, "sliced": r.sliced, "skipped": r.images_skipped,
             "peak": r.peak_memory_bytes, "planned": r.planned_peak_bytes}  # fmt: skip
+
+
+def evaluate(ckpt: str) -> dict:
+    """Linear evaluation of ``ckpt`` on this job's ranks, on a small synthetic split."""
+    from dataclasses import asdict
+
+    from seer_train.linear_eval import LinearEvalConfig, linear_eval
+
+    return asdict(linear_eval(LinearEvalConfig(ckpt=ckpt, train_images=120, val_images=60)))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_fns import tiny_run
+from pretrain_fns import evaluate, tiny_run
 from safetensors import safe_open
 
 from fsdpkit.testing import run_distributed
@@ -44,6 +44,14 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
     assert a.keys() == b.keys() and len(a) > 50
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert straight["sliced"] and Path(straight["sliced"], "manifest.json").is_file()
+    # the slices load for linear evaluation on 1 and on 2 ranks, with the same result
+    one = run_distributed(evaluate, 1, straight["sliced"])[0]
+    two = run_distributed(evaluate, 2, straight["sliced"])
+    assert two[0]["model"] == "tiny" and two[0]["classes"] == 10 and two[0]["val_images"] == 60
+    # BatchNorm re-estimation averages per-batch statistics, and batches differ by world size:
+    # features are close, not equal, and a probe on 120 images may flip a few answers
+    assert abs(one["top1"] - two[0]["top1"]) <= 5 / 60 and one["random_top1"] is not None
+    assert two[0]["bytes_read"] < one["bytes_read"]  # each rank reads only its rows
 
 
 def test_prototypes_frozen_then_trained_and_kept_on_the_sphere():
