@@ -124,3 +124,15 @@ def test_multicrop_step_all_gathers_like_one_pass():
     multi, single = run_distributed(one_step_all_gathers, 2, (64, 64, 32, 32, 32, 32))[0], None
     single = run_distributed(one_step_all_gathers, 2, (64,) * 6)[0]
     assert multi == single > 0
+
+
+def test_public_api_loads_lazily():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, seer_train.models; assert 'kornia' not in sys.modules; "
+        "import seer_train; f = seer_train.pretrain; assert 'kornia' in sys.modules; "
+        "assert all(hasattr(seer_train, n) for n in seer_train.__all__)"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
