@@ -9,7 +9,7 @@ checkpoint into per-unit slices; ``load_sliced`` loads them on any world size.
 from ._format import CheckpointError
 from .sharded import latest_checkpoint, list_checkpoints, load_sharded, save_sharded
 from .sliced import load_sliced, reslice, unit_of
-from .verify import inspect, read_manifest, verify
+from .verify import inspect, read_manifest, read_sliced_manifest, verify
 
 __all__ = [
     "CheckpointError",
@@ -19,6 +19,7 @@ __all__ = [
     "load_sharded",
     "load_sliced",
     "read_manifest",
+    "read_sliced_manifest",
     "reslice",
     "save_sharded",
     "unit_of",

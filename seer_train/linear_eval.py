@@ -13,7 +13,6 @@ pretraining learnt.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ckpt import load_sliced
-from ckpt._format import CheckpointError
+from ckpt import load_sliced, read_sliced_manifest
 from fsdpkit import FsdpkitError, FSDPPolicy, parallelize
 
 from .data import LabelledImageFolder, SyntheticImages, eval_loader
 from .distributed import distributed
-from .models import PRESETS, build_swav_model
+from .models import PRESETS, build_swav_model, init_weights
 
 __all__ = [
     "LinearEvalConfig",
@@ -72,10 +70,7 @@ class LinearEvalResult:
 
 
 def _model_name(cfg: LinearEvalConfig) -> str:
-    manifest = Path(cfg.ckpt) / "manifest.json"
-    if not manifest.is_file():
-        raise CheckpointError(f"{cfg.ckpt}: no manifest.json; pass pretrain's out/sliced")
-    recorded = json.loads(manifest.read_text()).get("extra", {}).get("run", {}).get("model")
+    recorded = read_sliced_manifest(cfg.ckpt).get("extra", {}).get("run", {}).get("model")
     name = cfg.model or recorded
     if name is None:
         raise FsdpkitError(f"{cfg.ckpt}: no model recorded in the checkpoint; pass --model")
@@ -193,8 +188,6 @@ def _model(name: str, device, world: int, seed: int) -> nn.Module:
     policy = FSDPPolicy(sync_bn_group_size=-1, batchnorm="units")
     parallelize(model, units=list(model.trunk.units), policy=policy)
     model.to_empty(device=device)
-    from .models import init_weights
-
     init_weights(model)
     return model
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import resource
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +155,7 @@ def pretrain(
         )  # fmt: skip
         augment = PhotometricAugment().to(ctx.device)
         preempt = Preemption()
-        losses, skipped, rates = [], Counter(), []
+        losses, skipped, rates = [], {}, []
         saved_at, stopped, step = start, "done", start
         metrics_file = open(out / "metrics.jsonl", "a") if ctx.rank == 0 else None  # noqa: SIM115
         try:
@@ -165,13 +164,13 @@ def pretrain(
                 crops, info = next(loader)
                 seed = (cfg.seed * 65_537 + ctx.rank) * 1_000_003 + step  # this step, this rank
                 crops = augment([c.to(ctx.device, non_blocking=True) for c in crops], seed=seed)
-                m = train_step(model, optimizer, scaler, crops, iteration=step, lr=schedule(step),
-                               cfg=tc)  # fmt: skip
+                lr = schedule(step)
+                m = train_step(model, optimizer, scaler, crops, iteration=step, lr=lr, cfg=tc)
                 dt = time.perf_counter() - t0
-                skipped.update(info.skipped)
+                skipped = info.skipped_total  # since this run started, by reason
                 losses.append(m["loss"])
                 rates.append(tc.batch_size * ctx.world_size / dt)
-                m |= {"step": step + 1, "lr": schedule(step), "images_per_s": rates[-1],
+                m |= {"step": step + 1, "lr": lr, "images_per_s": rates[-1],
                       "step_s": dt, "memory_bytes": _peak_memory(ctx.device),
                       "images_skipped": sum(skipped.values())}  # fmt: skip
                 if metrics_file:
@@ -191,6 +190,7 @@ def pretrain(
                 if stopped == "sigterm":
                     break
         finally:
+            loader.close()  # stops the loader's worker processes now, not at collection
             preempt.close()
             if metrics_file:
                 metrics_file.close()

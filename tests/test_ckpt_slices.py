@@ -59,12 +59,7 @@ def test_slices_from_two_ranks_load_bitwise_on_one_two_three(tmp_path):
 
 
 def test_interrupted_reslice_leaves_nothing_complete_and_rerun_finishes(tmp_path):
-    torch.manual_seed(0)
-    model = get_model_spec("tiny").build_model("cpu")
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for p in model.parameters():
-        p.grad = torch.randn_like(p)
-    opt.step()
+    model, opt = _trained_tiny()
     src, dst = tmp_path / "sharded", tmp_path / "sliced"
     save_sharded(src, model, opt, step=1)
 
