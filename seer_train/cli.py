@@ -21,7 +21,7 @@ from rich.table import Table
 from fsdpkit._console import run_command, stdout_console
 from fsdpkit.units import format_bytes, parse_bytes
 
-from .data import DataError
+from .data import PHOTOMETRIC_PRESETS, DataError
 from .loss import SwAVLossConfig
 from .models import PRESETS
 from .train import TrainConfig
@@ -44,6 +44,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         base_lr=a.lr,
         warmup_fraction=a.warmup,
         freeze_prototypes_iters=a.freeze_prototypes,
+        trust_coefficient=a.trust,
         loss=SwAVLossConfig(epsilon=a.epsilon, temperature=a.temperature),
     )
 
@@ -55,6 +56,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         train=_train_config(a), data=a.data, synthetic_images=a.synthetic_images,
         steps=a.steps, stop_after=a.stop_after, out=a.out, save_every=a.save_every,
         keep_last=a.keep_last, workers=a.workers, seed=a.seed, reslice=not a.no_reslice,
+        photometric=PHOTOMETRIC_PRESETS[a.photometric],
     )  # fmt: skip
     show = _is_rank0() and not a.json
     console = stdout_console()
@@ -138,7 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sync-bn-group", type=int, help="ranks per SyncBatchNorm group")
     p.add_argument("--lr", type=float, default=0.3, help="peak LR per 256 images")
     p.add_argument("--warmup", type=float, default=0.043648, help="warmup fraction of the run")
+    p.add_argument("--trust", type=float, default=0.001, help="LARC trust coefficient")
     p.add_argument("--freeze-prototypes", type=int, default=313, help="iterations")
+    p.add_argument(
+        "--photometric",
+        default="seer",
+        choices=list(PHOTOMETRIC_PRESETS),
+        help="colour distortion of the crops: SEER's, milder, or blur only",
+    )
     p.add_argument("--epsilon", type=float, default=0.03)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--out", default="runs/seer", help="run directory (resumed if it exists)")

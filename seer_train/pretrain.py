@@ -28,7 +28,14 @@ import torch.distributed as dist
 from ckpt import latest_checkpoint, load_sharded, reslice, save_sharded
 from fsdpkit import FsdpkitError
 
-from .data import ImageFolder, MultiCropSpec, PhotometricAugment, SyntheticImages, pretrain_loader
+from .data import (
+    ImageFolder,
+    MultiCropSpec,
+    PhotometricAugment,
+    PhotometricConfig,
+    SyntheticImages,
+    pretrain_loader,
+)
 from .distributed import Preemption, distributed
 from .schedule import SEERSchedule
 from .train import TrainConfig, build, make_optimizer, make_plan, train_step
@@ -47,7 +54,8 @@ class PretrainConfig:
     steps: iterations of the whole run (the LR schedule's length); stop_after: stop, with a
     checkpoint, after this many iterations (a later run resumes); save_every: iterations
     between checkpoints; data: ``synthetic`` or a folder of images (recursive, unlabelled);
-    synthetic_images: size of the synthetic set; workers: loader processes per rank.
+    synthetic_images: size of the synthetic set; workers: loader processes per rank;
+    photometric: the colour distortion of every crop (SEER's by default).
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -61,6 +69,7 @@ class PretrainConfig:
     workers: int = 2
     seed: int = 0
     reslice: bool = True
+    photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.save_every < 1:
@@ -153,7 +162,7 @@ def pretrain(
             dataset, spec, tc.batch_size, rank=ctx.rank, world_size=ctx.world_size,
             seed=cfg.seed, start_step=start, num_workers=cfg.workers,
         )  # fmt: skip
-        augment = PhotometricAugment().to(ctx.device)
+        augment = PhotometricAugment(cfg.photometric).to(ctx.device)
         preempt = Preemption()
         losses, skipped, rates = [], {}, []
         saved_at, stopped, step = start, "done", start

@@ -18,6 +18,7 @@ from seer_train.data import (
     FAMILIES,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PHOTOMETRIC_PRESETS,
     BadImage,
     DataError,
     ImageFolder,
@@ -255,6 +256,35 @@ def test_synthetic_colour_cells():
             corners = np.stack([a[:8, :8], a[:8, -8:], a[-8:, :8], a[-8:, -8:]]).mean((1, 2))
             spreads.append(np.ptp(corners, axis=0).max())  # corner mean colours, max spread
         assert (np.median(spreads) > 100) == varies  # measured: ~65 vs ~135
+
+
+def test_synthetic_orientation_and_edges_carry_no_per_image_signal():
+    """Only the family survives cropping: stripes are exactly axis-aligned and every image has
+    the same edge profile, so tilt and sharpness cannot tell two images of a class apart."""
+    ds = SyntheticImages(40, num_classes=2)
+    for i in range(40):
+        mask = ds._pattern(ds.classes[ds.label(i)], np.random.default_rng(i))  # (S, S)
+        if ds.classes[ds.label(i)] == "hstripes":
+            assert np.ptp(mask, axis=1).max() < 1e-5  # constant along every row
+        else:
+            assert np.ptp(mask, axis=0).max() < 1e-5  # vstripes: constant down every column
+    # Same edge profile: the steepest step between neighbouring pixels is alike in every image.
+    steps = [np.abs(np.diff(ds._pattern("hstripes", np.random.default_rng(i)), axis=0)).max()
+             for i in range(20)]  # fmt: skip
+    assert max(steps) / min(steps) < 1.6
+
+
+def test_photometric_presets():
+    """``seer`` is SPEC §3's; ``blur`` leaves every crop's colour alone; ``mild`` moves colours
+    less than ``seer``."""
+    assert PHOTOMETRIC_PRESETS["seer"] == PhotometricConfig()
+    x = _uint8(64, 32)
+    plain = PhotometricAugment(PhotometricConfig(jitter_p=0, gray_p=0, blur_p=0))(x)
+    shift = {}
+    for name in ("seer", "mild", "blur"):
+        y = PhotometricAugment(PHOTOMETRIC_PRESETS[name])(x, seed=0)
+        shift[name] = (y - plain).mean((2, 3)).abs().mean().item()  # per-image colour change
+    assert shift["blur"] < 0.02 < shift["mild"] < shift["seer"]
 
 
 # --- crops ------------------------------------------------------------------------------------

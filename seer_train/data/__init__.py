@@ -12,7 +12,13 @@ evaluation. Undecodable files raise :class:`BadImage` and are skipped and counte
         views = augment([c.to(device, non_blocking=True) for c in crops])
 """
 
-from ._augment import IMAGENET_MEAN, IMAGENET_STD, PhotometricAugment, PhotometricConfig
+from ._augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PHOTOMETRIC_PRESETS,
+    PhotometricAugment,
+    PhotometricConfig,
+)
 from ._crops import MultiCropSpec, multicrop, sample_crop_box
 from ._images import (
     DEFAULT_MAX_PIXELS,
@@ -34,6 +40,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "PHOTOMETRIC_PRESETS",
     "SKIP_REASONS",
     "BadImage",
     "BatchInfo",

@@ -50,6 +50,17 @@ class PhotometricConfig:
         return max(3, int(self.blur_kernel_frac * size) | 1)
 
 
+PHOTOMETRIC_PRESETS: dict[str, PhotometricConfig] = {
+    # SEER / SwAV (SPEC §3): the default.
+    "seer": PhotometricConfig(),
+    # Half the jitter, no blur: for small models and short runs, where SEER's distortion
+    # leaves two crops of one image too little in common to start from (see ``make demo``).
+    "mild": PhotometricConfig(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0),
+    # Blur only: colours left as they are (data whose colours carry no per-image signal).
+    "blur": PhotometricConfig(jitter_p=0.0, gray_p=0.0),
+}
+
+
 class PhotometricAugment(nn.Module):
     """uint8 crops (B, 3, s, s) -> augmented, normalised float32 (B, 3, s, s), on their device.
 
