@@ -24,3 +24,19 @@ def evaluate(ckpt: str) -> dict:
     from seer_train.linear_eval import LinearEvalConfig, linear_eval
 
     return asdict(linear_eval(LinearEvalConfig(ckpt=ckpt, train_images=120, val_images=60)))
+
+
+def learn_and_evaluate(out: str, steps: int) -> dict:
+    """``make demo``'s recipe on one rank, shortened: SwAV, then the linear probe (both trunks)."""
+    from dataclasses import asdict
+
+    from seer_train.data import PHOTOMETRIC_PRESETS
+    from seer_train.linear_eval import LinearEvalConfig, linear_eval
+
+    train = TrainConfig(model="tiny", batch_size=64, base_lr=0.6, trust_coefficient=0.01,
+                        freeze_prototypes_iters=10)  # fmt: skip
+    cfg = PretrainConfig(train=train, data="synthetic", steps=steps, out=out, save_every=steps,
+                         workers=0, photometric=PHOTOMETRIC_PRESETS["blur"])  # fmt: skip
+    pretrain(cfg)
+    probe = LinearEvalConfig(ckpt=f"{out}/sliced", train_images=1000, val_images=500)
+    return asdict(linear_eval(probe))

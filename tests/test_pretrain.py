@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_fns import evaluate, tiny_run
+from pretrain_fns import evaluate, learn_and_evaluate, tiny_run
 from safetensors import safe_open
 
 from fsdpkit.testing import run_distributed
@@ -147,6 +147,14 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path):
     resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert resumed["start_step"] == result["end_step"]
     assert resumed["end_step"] == result["end_step"] + 1
+
+
+def test_swav_pretraining_beats_a_random_trunk(tmp_path):
+    """The demo's claim, end to end on one rank: 150 SwAV steps of 64 images on the synthetic
+    set give a trunk whose linear probe is clearly above a random trunk's (measured: 39.2% vs
+    26.2%, 1,000 / 500 probe images; ~85 s)."""
+    r = run_distributed(learn_and_evaluate, 1, str(tmp_path / "run"), 150)[0]
+    assert r["top1"] > r["random_top1"] + 0.05, r
 
 
 @pytest.mark.parametrize(
