@@ -15,11 +15,11 @@ linear classifier on its frozen features beats the same classifier on a random t
   ``colour_cells`` random anchors, each pair with a luminance contrast of at least 60 levels so
   the pattern stays visible), the pattern period (×2.4 range: scale is what random resized
   crops change), phase, an illumination gradient and pixel noise. Orientation (within the
-  family) and edge sharpness are fixed: per-image values of those survive every crop, and
-  SwAV learned them instead of the family (measured: tiny RegNet, 300 steps, 10 classes).
-- a random conv trunk sees mostly colour, brightness and frequency; with one pair of inks per
-  image (``colour_cells=1``) SwAV keyed on the colours, and SEER's strong colour jitter, which
-  removes them, made the tiny model collapse instead.
+  family) and edge sharpness are fixed: per-image values of those survive every crop (tiny
+  RegNet, 300 SwAV steps, blur only: 51.6 % linear-probe top-1 without them, 42.8 % with a
+  ±10° tilt and random sharpness per image).
+- with one pair of inks per image (``colour_cells=1``) SwAV learned the colours; SEER's strong
+  colour jitter, which removes them, made the tiny model collapse instead.
 
 Every image is a pure function of ``(seed, index)``: the same on every process, worker and run.
 """
