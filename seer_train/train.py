@@ -69,6 +69,14 @@ class TrainConfig:
             raise FsdpkitError(f"batch size must be >= 1, got {self.batch_size}")
         if self.dtype not in ("fp32", "bf16", "fp16"):
             raise FsdpkitError(f"dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
+        if not self.base_lr > 0 or not self.trust_coefficient > 0:
+            raise FsdpkitError(
+                f"--lr and --trust must be > 0, got {self.base_lr} and {self.trust_coefficient}"
+            )
+        if self.freeze_prototypes_iters < 0:
+            raise FsdpkitError(
+                f"--freeze-prototypes must be >= 0, got {self.freeze_prototypes_iters}"
+            )
 
     @property
     def preset(self) -> SEERPreset:

@@ -165,6 +165,9 @@ def test_swav_pretraining_beats_a_random_trunk(tmp_path):
         (["--memory-budget", "1KiB"], "budget"),
         (["--batch-size", "0"], "batch size"),
         (["--sync-bn-group", "3"], "sync-bn-group"),
+        (["--trust", "0"], "--trust"),
+        (["--lr", "-1"], "--lr"),
+        (["--freeze-prototypes", "-5"], "--freeze-prototypes"),
     ],
 )
 def test_bad_pretrain_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
