@@ -114,6 +114,7 @@ def _features(model: nn.Module, dataset, size: int, batch_size: int, device) -> 
     """(N, w) features and (N,) labels of ``dataset``: each rank extracts its share, then all
     ranks gather every share (N is small next to the training set)."""
     rank, world = dist.get_rank(), dist.get_world_size()
+    model.eval()
     feats, labels = [], []
     for batch in eval_loader(dataset, size, batch_size, rank=rank, world_size=world):
         feats.append(model(batch.images.to(device), features_only=True).float().cpu())
@@ -151,8 +152,10 @@ def recalibrate_batchnorm(model: nn.Module, dataset, size: int, batch_size: int,
 
     Both trunks get the same BatchNorm treatment this way: the pretrained one's stored
     statistics describe augmented multi-crop batches, the random one's are the initial 0/1,
-    and either would bias the comparison."""
+    and either would bias the comparison. The model's momenta and train/eval mode are left as
+    they were."""
     bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    momenta, was_training = [m.momentum for m in bns], model.training
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
@@ -165,7 +168,9 @@ def recalibrate_batchnorm(model: nn.Module, dataset, size: int, batch_size: int,
             for t in (m.running_mean, m.running_var):
                 dist.all_reduce(t)
                 t /= world
-    model.eval()
+    for m, momentum in zip(bns, momenta, strict=True):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def _accuracy(model, train, val, size, cfg, device, classes) -> tuple[float, int]:
