@@ -71,7 +71,9 @@ def test_sinkhorn_codes_are_distributions_with_equal_prototype_mass(b, k, d):
     g = torch.Generator().manual_seed(b * 100 + k * 10 + d)
     z = F.normalize(torch.randn(2, b, d, generator=g), dim=2)
     scores = z @ F.normalize(torch.randn(k, d, generator=g), dim=1).t()  # cosines, as in SwAV
-    q = sinkhorn(scores, iters=200)
+    # 1,000 iterations: at ε 0.03, low-dimensional cosines (d = 2) converge slowly; 200 left
+    # (b, k, d) = (16, 5, 2) 0.2 off an equal partition. Checked over the whole domain.
+    q = sinkhorn(scores, iters=1000)
     assert torch.isfinite(q).all() and (q >= 0).all()
     torch.testing.assert_close(q.sum(dim=2), torch.ones(2, b), rtol=0, atol=1e-4)
     if b >= k:  # an equal partition is reachable: each prototype gets b / k images
