@@ -36,7 +36,14 @@ from .syncbn import convert_sync_batchnorm
 
 __all__ = ["DTYPES", "FSDPPolicy", "apply_fsdp", "parallelize", "set_prefetch"]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# fp64 is for reference runs: tests compare sharded training with one process in float64, where
+# reduction order changes results only at round-off (~1e-16), not at FP32's ~1e-7.
+DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp64": torch.float64,
+}
 # fully_shard(ignored_params=...) arrived in torch 2.7; replicated BatchNorm needs it.
 _CAN_IGNORE = "ignored_params" in inspect.signature(fully_shard).parameters
 
@@ -52,11 +59,12 @@ def _bn_mode(policy: FSDPPolicy) -> str:
 class FSDPPolicy:
     """How :func:`apply_fsdp` shards a model.
 
-    param_dtype: dtype units are all-gathered and computed in (``fp16``, ``bf16``, ``fp32``).
-        With ``fp16``, scale the loss with ``torch.amp.GradScaler``.
+    param_dtype: dtype units are all-gathered and computed in (``fp16``, ``bf16``, ``fp32``;
+        ``fp64`` for numerical reference runs of a float64 model). With ``fp16``, scale the
+        loss with ``torch.amp.GradScaler``.
     reduce_dtype: dtype gradients are reduce-scattered in (FP32 by default).
     fp32_modules: qualified names of submodules kept entirely in FP32 (SEER: ``head``,
-        ``prototypes``); BatchNorm is always FP32.
+        ``prototypes``); BatchNorm is always FP32 (FP64 when ``param_dtype`` is ``fp64``).
     prefetch: units all-gathered ahead, in forward and in backward (0: none).
     reshard_after_forward: free un-sharded parameters after each unit's forward (re-gathered
         in backward); False keeps them, trading memory for one all-gather per unit.
@@ -122,6 +130,7 @@ def apply_fsdp(
         raise FsdpkitError("apply_fsdp needs at least one unit to shard")
     kw: dict = {"mesh": mesh, "reshard_after_forward": policy.reshard_after_forward}
     low = policy.param_dtype
+    full = "fp64" if low == "fp64" else "fp32"  # BatchNorm and fp32_modules: never below FP32
     bns = [
         m
         for m in model.modules()
@@ -140,8 +149,8 @@ def apply_fsdp(
         # A BatchNorm runs once per resolution group inside its unit; resharding its 2·C
         # parameters after each call would all-gather them again for every group and again in
         # backward. Keeping them un-sharded costs 2·C·4 bytes per layer.
-        out = low if low != "fp32" else None
-        fully_shard(m, mesh=mesh, reshard_after_forward=False, mp_policy=_mp("fp32", "fp32", out))
+        out = low if low != full else None
+        fully_shard(m, mesh=mesh, reshard_after_forward=False, mp_policy=_mp(full, full, out))
     for unit in units:
         fully_shard(unit, mp_policy=_mp(low, policy.reduce_dtype), **kw)
     for name in policy.fp32_modules:
@@ -149,7 +158,7 @@ def apply_fsdp(
             sub = model.get_submodule(name)
         except AttributeError:
             raise FsdpkitError(f"FSDPPolicy.fp32_modules: the model has no {name!r}") from None
-        fully_shard(sub, mp_policy=_mp("fp32", "fp32"), **kw)
+        fully_shard(sub, mp_policy=_mp(full, full), **kw)
     fully_shard(model, mp_policy=_mp(low, policy.reduce_dtype), **kw)
     set_prefetch(list(units), policy.prefetch)
     return list(units)
@@ -223,7 +232,7 @@ def parallelize(
     # 1. SyncBatchNorm first: replacing modules after sharding would lose the sharded state.
     if policy.sync_bn_group_size != -1:
         convert_sync_batchnorm(model, policy.sync_bn_group_size)
-    elif _bn_mode(policy) == "replicate" and policy.param_dtype != "fp32":
+    elif _bn_mode(policy) == "replicate" and policy.param_dtype in ("fp16", "bf16"):
         convert_sync_batchnorm(model, 1)  # local, but FP32 maths on low-precision input
     # 2. Checkpointing hooks before sharding hooks: recomputation runs inside each unit.
     if plan is not None:

@@ -98,7 +98,7 @@ class LARC(Optimizer):
             return
         w = [_local(p) for p, _ in entries]
         g = [_local(p.grad) for p, _ in entries]
-        sq = _sum_squares(w + g)  # (2L,) FP32: local sums of squares, params then grads
+        sq = _sum_squares(w + g)  # (2L,) FP32 (FP64 if any is): local sums of squares, w then g
         shard_groups = [_shard_group(p) for p, _ in entries]
         distinct = {id(pg): pg for pg in shard_groups if pg is not None}
         if len(distinct) > 1:
@@ -116,10 +116,12 @@ class LARC(Optimizer):
         norms = sq.sqrt()
         w_norm, g_norm = norms[: len(entries)], norms[len(entries) :]
         device = w_norm.device
-        wd = torch.tensor([grp.get("weight_decay", 0.0) for _, grp in entries], device=device)
+        wd = torch.tensor([grp.get("weight_decay", 0.0) for _, grp in entries], device=device,
+                          dtype=sq.dtype)  # fmt: skip
         rate = self.trust_coefficient * w_norm / (g_norm + wd * w_norm + self.eps)
         if self.clip:
-            lr = torch.tensor([float(grp["lr"]) for _, grp in entries], device=device)
+            lr = torch.tensor([float(grp["lr"]) for _, grp in entries], device=device,
+                              dtype=sq.dtype)  # fmt: skip
             rate = torch.minimum(rate / lr, torch.ones_like(rate))
         rate = torch.where((w_norm > 0) & (g_norm > 0), rate, torch.ones_like(rate))
         by_decay: dict[float, list[int]] = defaultdict(list)
@@ -162,7 +164,8 @@ def _sum_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
     """FP32 sum of squares of every tensor, as one (len(tensors),) vector (empty → 0)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for idx in _by_device_dtype(tensors):
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float32)
+        acc = torch.promote_types(tensors[idx[0]].dtype, torch.float32)  # FP64 stays FP64
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=acc)
         for i, n in zip(idx, norms, strict=True):
             out[i] = n
     return torch.stack(out).square()  # type: ignore[arg-type]

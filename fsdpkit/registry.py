@@ -107,7 +107,7 @@ def default_loss(output: Any) -> torch.Tensor:
     ]
     if not leaves:
         raise ModelSpecError("the model's output has no floating-point tensor to back-propagate")
-    return sum(t.float().mean() for t in leaves)
+    return sum(t.to(torch.promote_types(t.dtype, torch.float32)).mean() for t in leaves)
 
 
 def _entry_points() -> dict[str, list[EntryPoint]]:

@@ -4,8 +4,8 @@
 layer and step: forward all-gathers each rank's per-channel ``(mean, M2, count)`` and combines
 them exactly (Chan et al.'s parallel variance, no E[x²]−E[x]² cancellation); backward
 all-reduces ``(Σ dy, Σ dy·x̂)``. Statistics and normalisation run in FP32 whatever the input
-dtype; the output has the input's dtype. Communication per layer: ``world·(2C+1)`` FP32
-elements gathered in forward, ``2C`` reduced in backward (C channels).
+dtype (FP64 input: FP64); the output has the input's dtype. Communication per layer:
+``world·(2C+1)`` FP32 elements gathered in forward, ``2C`` reduced in backward (C channels).
 
 Weight and bias gradients are local sums, as in ``torch.nn.SyncBatchNorm``: data-parallel
 averaging (FSDP's reduce-scatter, DDP's all-reduce) makes them global.
@@ -27,6 +27,11 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """FP32 for FP16/BF16/FP32 input; FP64 input keeps FP64 (reference runs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _shape(x: torch.Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)  # broadcast a (C,) vector over (N, C, *)
 
@@ -34,7 +39,7 @@ def _shape(x: torch.Tensor) -> list[int]:
 class _SyncBN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
-        x = x.float()
+        x = x.to(_at_least_fp32(x.dtype))
         dims = _reduce_dims(x)
         n_local = x.numel() // x.shape[1]
         mean_l = x.mean(dims)
@@ -57,7 +62,7 @@ class _SyncBN(torch.autograd.Function):
         x_hat = (x - mean.view(_shape(x))) * invstd.view(_shape(x))
         out = x_hat
         if weight is not None:
-            out = x_hat * weight.float().view(_shape(x)) + bias.float().view(_shape(x))
+            out = x_hat * weight.to(x.dtype).view(_shape(x)) + bias.to(x.dtype).view(_shape(x))
         ctx.save_for_backward(x_hat, invstd, weight, n)
         ctx.group = group
         return out
@@ -65,7 +70,7 @@ class _SyncBN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x_hat, invstd, weight, n = ctx.saved_tensors
-        dy = dy.float()
+        dy = dy.to(x_hat.dtype)
         dims = _reduce_dims(dy)
         sum_dy = dy.sum(dims)
         sum_dy_xhat = (dy * x_hat).sum(dims)
@@ -73,7 +78,7 @@ class _SyncBN(torch.autograd.Function):
         dist.all_reduce(sums, group=ctx.group)
         c = sum_dy.numel()
         g_dy, g_dy_xhat = sums[:c] / n, sums[c:] / n
-        scale = invstd if weight is None else invstd * weight.float()
+        scale = invstd if weight is None else invstd * weight.to(x_hat.dtype)
         dx = (dy - g_dy.view(_shape(dy)) - x_hat * g_dy_xhat.view(_shape(dy))) * scale.view(
             _shape(dy)
         )
@@ -105,7 +110,7 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         distributed = dist.is_available() and dist.is_initialized()
         if not self.training or not distributed or dist.get_world_size(self.process_group) == 1:
-            return super().forward(x.float()).to(x.dtype)
+            return super().forward(x.to(_at_least_fp32(x.dtype))).to(x.dtype)
         momentum = self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -126,7 +126,7 @@ def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    timeout_s: float = 120.0,
+    timeout_s: float = 300.0,
     backend: str = "gloo",
     threads_per_rank: int = 1,
     start_method: str | None = None,
@@ -143,6 +143,8 @@ def run_distributed(
     :class:`RemoteTraceback`; a rank that died without an exception is taken as the root cause,
     else the earliest report), :class:`DistributedTestError` when it has none, and
     :class:`TimeoutError` naming the ranks still running after ``timeout_s`` seconds.
+    ``timeout_s`` is a hang guard, not a performance limit: keep it at least 5× what the call
+    takes on a loaded machine (the default, 300 s, covers every call of fsdpkit's own suite).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")

@@ -18,6 +18,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from fsdpkit import FsdpkitError
 from fsdpkit._console import run_command, stdout_console
 from fsdpkit.units import format_bytes, parse_bytes
 
@@ -49,6 +50,38 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
     )
 
 
+def _step_stats(m: dict) -> str:
+    mem = format_bytes(m["tensor_peak_bytes"]) if m["tensor_peak_bytes"] else "-"
+    return (f"loss {m['loss']:.4f}  lr {m['lr']:.4g}  {m['images_per_s']:.1f} img/s  "
+            f"tensors {mem}  scale {m['loss_scale']:g}")  # fmt: skip
+
+
+def _log_lines(total: int, every: int):
+    """An ``on_step`` that prints one plain line every ``every`` steps (and the last): step,
+    loss, images/s, ETA from the mean step time so far."""
+    seen: list[float] = []
+
+    def on_step(m: dict) -> None:
+        seen.append(m["step_s"])
+        step = m["step"]
+        if step % every and step != total:
+            return
+        mean = sum(seen[1:] or seen) / len(seen[1:] or seen)  # the first step warms up
+        eta = round(mean * (total - step))
+        print(f"step {step}/{total}  {_step_stats(m)}  ETA {eta // 60}m{eta % 60:02d}s",
+              flush=True)  # fmt: skip
+
+    return on_step
+
+
+def _tensor_source() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "torch.cuda.max_memory_allocated"
+    return "live tensors of one tracked step"
+
+
 def _pretrain(a: argparse.Namespace) -> int:
     from .pretrain import PretrainConfig, pretrain
 
@@ -58,20 +91,24 @@ def _pretrain(a: argparse.Namespace) -> int:
         keep_last=a.keep_last, workers=a.workers, seed=a.seed, reslice=not a.no_reslice,
         photometric=PHOTOMETRIC_PRESETS[a.photometric],
     )  # fmt: skip
+    if a.log_every < 0:
+        raise FsdpkitError(f"--log-every must be >= 0 (0: automatic), got {a.log_every}")
     show = _is_rank0() and not a.json
     console = stdout_console()
-    columns = [TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]  # fmt: skip
-    with Progress(*columns, console=console, disable=not show) as progress:
-        task = progress.add_task("steps", total=cfg.stop_after or cfg.steps, stats="")
-
-        def on_step(m: dict) -> None:
-            mem = format_bytes(m["memory_bytes"])
-            stats = f"loss {m['loss']:.4f}  lr {m['lr']:.4g}  {m['images_per_s']:.1f} img/s  "
-            stats += f"mem {mem}  scale {m['loss_scale']:g}"
-            progress.update(task, completed=m["step"], stats=stats)
-
+    total = cfg.stop_after or cfg.steps
+    if show and not console.is_terminal:  # a log, CI, `| tee`: rich's bar would print nothing
+        on_step = _log_lines(total, a.log_every or max(1, min(50, total // 20)))
         result = pretrain(cfg, on_step=on_step)
+    else:
+        columns = [TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[stats]}"), TimeRemainingColumn()]  # fmt: skip
+        with Progress(*columns, console=console, disable=not show) as progress:
+            task = progress.add_task("steps", total=total, stats="")
+
+            def on_bar(m: dict) -> None:
+                progress.update(task, completed=m["step"], stats=_step_stats(m))
+
+            result = pretrain(cfg, on_step=on_bar)
     if not _is_rank0():
         return 0
     if a.json:
@@ -85,8 +122,11 @@ def _pretrain(a: argparse.Namespace) -> int:
         ("steps", f"{result.start_step} → {result.end_step} ({result.stopped})"),
         ("loss", f"{first} → {last}"),
         ("images/s (all ranks)", f"{result.images_per_s:.1f}"),
-        ("peak memory, rank 0", f"{format_bytes(result.peak_memory_bytes)} "
-                                f"(plan: {format_bytes(result.planned_peak_bytes)})"),
+        ("peak tensor memory, rank 0", f"{format_bytes(result.peak_memory_bytes)} "
+                                       f"(plan: {format_bytes(result.planned_peak_bytes)}; "
+                                       f"{_tensor_source()})"),
+        ("peak RSS, rank 0", f"{format_bytes(result.peak_rss_bytes)} "
+                             "(whole process; the plan does not predict it)"),
         ("checkpointed segments", str([s[:2] for s in result.plan_segments if s[2]])),
         ("images skipped", str(result.images_skipped or 0)),
         ("checkpoint", str(result.checkpoint)),
@@ -156,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="loader processes per rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-reslice", action="store_true", help="skip slicing the last checkpoint")
+    p.add_argument("--log-every", type=int, default=0,
+                   help="steps between progress lines when stdout is not a terminal "
+                        "(default: about 20 lines per run)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_pretrain)
 

@@ -51,15 +51,21 @@ def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tens
 
 
 @torch.no_grad()
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """FP32 for FP16/BF16/FP32; FP64 stays FP64 (reference runs compare at FP64 round-off)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.03, iters: int = 10, group=None):
-    """Equal-partition soft codes for ``scores`` (A, B, K) → (A, B, K), FP32, rows sum to 1.
+    """Equal-partition soft codes for ``scores`` (A, B, K) → (A, B, K), FP32 (FP64 for FP64
+    scores), rows sum to 1.
 
     Solves A independent problems over the *global* batch (every rank's B rows): the codes
     of each problem give every prototype an equal share of the batch. The exponent is
     shifted by the global maximum of each problem (one MAX all-reduce), so ``exp`` cannot
     overflow in FP32 whatever ε.
     """
-    scores = scores.float()
+    scores = scores.to(_at_least_fp32(scores.dtype))
     a, b, _ = scores.shape
     shift = _all_reduce(scores.amax(dim=(1, 2)), dist.ReduceOp.MAX, group)  # (A,)
     q = torch.exp((scores - shift.view(a, 1, 1)) / epsilon).transpose(1, 2)  # (A, K, B)
@@ -70,7 +76,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.03, iters: int = 10, group
     # Cosine scores (|s| <= 1) at ε 0.03 stay above FP32's smallest normal after the shift;
     # scores far outside that range may underflow a whole row or column to 0, which the
     # clamps leave at 0 (that prototype or image gets no mass) instead of turning into NaN.
-    tiny = torch.finfo(torch.float32).tiny
+    tiny = torch.finfo(q.dtype).tiny
     for _ in range(iters):
         rows = _all_reduce(q.sum(dim=2, keepdim=True), group=group)  # (A, K, 1): global
         q *= (1.0 / k) / rows.clamp_min(tiny)
@@ -86,14 +92,14 @@ def swav_loss(
 
     For each assignment crop i with codes q_i: the mean over the other crops p of
     ``-mean_b Σ_k q_i log softmax(scores_p / τ)``; the result is the mean over assignment
-    crops. Scores are taken in FP32 whatever their dtype.
+    crops. Scores are taken in FP32 whatever their dtype (FP64 stays FP64).
     """
     cfg = cfg or SwAVLossConfig()
     if scores.shape[0] % n_crops:
         raise ValueError(f"{scores.shape[0]} score rows do not split into {n_crops} crops")
     if max(cfg.crops_for_assign) >= n_crops or n_crops < 2:
         raise ValueError(f"assignment crops {cfg.crops_for_assign} need more than {n_crops}")
-    per_crop = scores.float().chunk(n_crops)  # n_crops × (B, K)
+    per_crop = scores.to(_at_least_fp32(scores.dtype)).chunk(n_crops)  # n_crops × (B, K)
     codes = sinkhorn(
         torch.stack([per_crop[i].detach() for i in cfg.crops_for_assign]),
         cfg.epsilon,
@@ -101,7 +107,7 @@ def swav_loss(
         group,
     )
     log_p = [F.log_softmax(s / cfg.temperature, dim=1) for s in per_crop]
-    total = scores.new_zeros((), dtype=torch.float32)
+    total = scores.new_zeros((), dtype=per_crop[0].dtype)
     for q, i in zip(codes, cfg.crops_for_assign, strict=True):
         others: Sequence[int] = [p for p in range(n_crops) if p != i]
         total = total + sum(-(q * log_p[p]).sum(dim=1).mean() for p in others) / len(others)

@@ -24,9 +24,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
 
 from ckpt import latest_checkpoint, load_sharded, reslice, save_sharded
 from fsdpkit import FsdpkitError
+from planner import LiveMemory
 
 from .data import (
     ImageFolder,
@@ -84,7 +87,13 @@ class PretrainConfig:
 
 @dataclass(frozen=True, slots=True)
 class PretrainResult:
-    """What a run did (rank-local figures are rank 0's)."""
+    """What a run did (rank-local figures are rank 0's).
+
+    peak_memory_bytes: peak bytes of live tensors on this rank, the quantity the plan
+    predicts (``planned_peak_bytes``): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
+    peak of one tracked steady-state step (:class:`planner.LiveMemory`). peak_rss_bytes: the
+    process's peak resident set (interpreter, libraries, loader buffers too: not comparable
+    with the plan)."""
 
     world_size: int
     start_step: int
@@ -94,6 +103,7 @@ class PretrainResult:
     images_per_s: float
     peak_memory_bytes: int
     planned_peak_bytes: int
+    peak_rss_bytes: int
     plan_segments: list[tuple[int, int, bool]]
     images_skipped: dict[str, int]
     checkpoint: str | None
@@ -107,10 +117,27 @@ def open_dataset(data: str, synthetic_images: int, size: int):
     return ImageFolder(data)
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _tracked(run: Callable[[], Any], model, optimizer, crops) -> tuple[Any, int]:
+    """``run()`` under :class:`planner.LiveMemory`: its result and the peak bytes of live
+    tensors on this rank while it ran. Parameters, gradients, buffers, optimizer state and the
+    crops count from the start; everything else from its allocation to its last reference.
+    Costs Python work per op: done for one step, not every step."""
+    tracker = LiveMemory()
+    params = list(model.parameters())
+    state = [t for st in optimizer.state.values() for t in tree_leaves(st) if torch.is_tensor(t)]
+    held = [*params, *(p.grad for p in params if p.grad is not None), *model.buffers(), *state]
+    tracker.register([*(_local(t) for t in held), *crops])
+    with tracker:
+        out = run()
+    return out, tracker.peak
 
 
 def _resume(ckpts: Path, model, optimizer, scaler, cfg: PretrainConfig) -> int:
@@ -165,6 +192,10 @@ def pretrain(
         augment = PhotometricAugment(cfg.photometric).to(ctx.device)
         preempt = Preemption()
         losses, skipped, rates = [], {}, []
+        # CPU has no allocator statistics: track the tensors of one steady-state step (the
+        # second of this run, when momentum buffers exist), else of the only one
+        tracked_step = min(start + 1, end - 1) if ctx.device.type != "cuda" else None
+        tensor_peak = 0
         saved_at, stopped, step = start, "done", start
         metrics_file = open(out / "metrics.jsonl", "a") if ctx.rank == 0 else None  # noqa: SIM115
         try:
@@ -174,13 +205,25 @@ def pretrain(
                 seed = (cfg.seed * 65_537 + ctx.rank) * 1_000_003 + step  # this step, this rank
                 crops = augment([c.to(ctx.device, non_blocking=True) for c in crops], seed=seed)
                 lr = schedule(step)
-                m = train_step(model, optimizer, scaler, crops, iteration=step, lr=lr, cfg=tc)
+
+                def run(crops=crops, step=step, lr=lr) -> dict[str, float]:
+                    return train_step(model, optimizer, scaler, crops, iteration=step, lr=lr,
+                                      cfg=tc)  # fmt: skip
+
+                if step == tracked_step:
+                    m, tensor_peak = _tracked(run, model, optimizer, crops)
+                else:
+                    m = run()
+                if ctx.device.type == "cuda":
+                    tensor_peak = torch.cuda.max_memory_allocated(ctx.device)
                 dt = time.perf_counter() - t0
                 skipped = info.skipped_total  # since this run started, by reason
                 losses.append(m["loss"])
-                rates.append(tc.batch_size * ctx.world_size / dt)
-                m |= {"step": step + 1, "lr": lr, "images_per_s": rates[-1],
-                      "step_s": dt, "memory_bytes": _peak_memory(ctx.device),
+                rate = tc.batch_size * ctx.world_size / dt
+                if step not in (start, tracked_step):  # warm-up and tracking are not speed
+                    rates.append(rate)
+                m |= {"step": step + 1, "lr": lr, "images_per_s": rate,
+                      "step_s": dt, "tensor_peak_bytes": tensor_peak, "rss_bytes": _peak_rss(),
                       "images_skipped": sum(skipped.values())}  # fmt: skip
                 if metrics_file:
                     metrics_file.write(json.dumps(m) + "\n")
@@ -219,9 +262,10 @@ def pretrain(
             end_step=done,
             stopped=stopped,
             losses=losses,
-            images_per_s=sum(rates[1:]) / max(len(rates) - 1, 1) if rates else 0.0,
-            peak_memory_bytes=_peak_memory(ctx.device),
+            images_per_s=sum(rates) / len(rates) if rates else 0.0,
+            peak_memory_bytes=tensor_peak,
             planned_peak_bytes=plan.peak_bytes,
+            peak_rss_bytes=_peak_rss(),
             plan_segments=[tuple(s) for s in plan.segments],
             images_skipped=dict(skipped),
             checkpoint=str(last) if last else None,

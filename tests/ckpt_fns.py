@@ -7,12 +7,19 @@ from ckpt import load_sharded, save_sharded
 from fsdpkit import FSDPPolicy, get_model_spec, parallelize
 
 
-def _setup():
+def _setup(fp64=False):
+    """tiny, sharded; ``fp64``: in float64, for comparisons across world sizes (a different
+    reduction order moves float64 results at round-off, FP32 ones at CPU-dependent ~1e-6)."""
     spec = get_model_spec("tiny")
     torch.manual_seed(0)
     model = spec.build_model("cpu")
+    dtypes = {}
+    if fp64:
+        model.double()
+        dtypes = {"param_dtype": "fp64", "reduce_dtype": "fp64"}
     units = [m for _, m in spec.named_units(model)]
-    parallelize(model, units=units, policy=FSDPPolicy(fp32_modules=("head", "prototypes")))
+    policy = FSDPPolicy(fp32_modules=("head", "prototypes"), **dtypes)
+    parallelize(model, units=units, policy=policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     return spec, model, opt
 
@@ -80,7 +87,9 @@ def _global_step(spec, model, opt, step, global_batch=6):
     """One step on this rank's slice of a global batch that does not depend on world size."""
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(500 + step)
-    crops = [torch.randn(global_batch, 3, s, s, generator=gen) for s in (64, 64, 32, 32, 32, 32)]
+    crops = [torch.randn(global_batch, 3, s, s, generator=gen, dtype=torch.float64)
+             for s in (64, 64, 32, 32, 32, 32)]  # fmt: skip
+    crops = [c.to(next(model.parameters()).dtype) for c in crops]
     per = global_batch // world
     opt.zero_grad()
     loss = spec.training_loss(model([c[rank * per : (rank + 1) * per] for c in crops]))
@@ -92,7 +101,7 @@ def _global_step(spec, model, opt, step, global_batch=6):
 
 
 def save_after(path, steps):
-    spec, model, opt = _setup()
+    spec, model, opt = _setup(fp64=True)
     for step in range(steps):
         _global_step(spec, model, opt, step)
     units = [n for n, _ in spec.named_units(model)] + ["head", "prototypes"]
@@ -100,7 +109,7 @@ def save_after(path, steps):
 
 
 def continue_from_sharded(path, first, steps):
-    spec, model, opt = _setup()
+    spec, model, opt = _setup(fp64=True)
     load_sharded(path, model, opt)
     return [_global_step(spec, model, opt, s) for s in range(first, first + steps)]
 
@@ -108,6 +117,6 @@ def continue_from_sharded(path, first, steps):
 def continue_from_slices(path, first, steps):
     from ckpt import load_sliced
 
-    spec, model, opt = _setup()
+    spec, model, opt = _setup(fp64=True)
     load_sliced(path, model, opt)
     return [_global_step(spec, model, opt, s) for s in range(first, first + steps)]

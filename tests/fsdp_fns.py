@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from fsdpkit import CommCounter, FSDPPolicy, get_model_spec, parallelize
+from fsdpkit.fsdp import DTYPES
 
 B_LOCAL = 2  # images per rank
 
@@ -44,26 +45,51 @@ def _rank_slice(crops, rank):
     return [c[rank * B_LOCAL : (rank + 1) * B_LOCAL] for c in crops]
 
 
-def sharded_matches_single(segments, steps=5, policy_kw=None):
-    """FSDP (+ SyncBN, + plan) on this rank's slice vs one process on the whole batch."""
+# Equivalence checks run in float64: sharding changes the reduction order (per-rank partial
+# sums, reduce-scatter), which moves FP32 results by ~1e-5 on some CPUs and not on others;
+# in float64 the same reordering stays near 1e-13, so a tolerance of 1e-9 is CPU-independent
+# and still far below any real bug (a gradient mis-averaged by 1e-6 is caught: see the tests).
+FP64 = {"param_dtype": "fp64", "reduce_dtype": "fp64"}
+
+
+def _max_rel_err(got, want) -> float:
+    """Largest per-tensor max|a - b| / max|b| (tensors that are all zero: absolute)."""
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-3)).item()
+               for a, b in zip(got, want, strict=True))  # fmt: skip
+
+
+def _skew_grads(model, rank, factor):
+    """A deliberate bug for the tests' own check: scale this rank's local gradients."""
+    if factor is not None and dist.get_rank() == rank:
+        for p in model.parameters():
+            if p.grad is not None:
+                _local(p.grad).mul_(factor)
+
+
+def sharded_matches_single(segments, steps=5, policy_kw=None, skew=None):
+    """FSDP (+ SyncBN, + plan) on this rank's slice vs one process on the whole batch, both in
+    float64. ``skew=(rank, factor)`` scales one rank's sharded gradients after backward (a
+    planted bug, to show the tolerance catches it)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = get_model_spec("tiny")
     torch.manual_seed(0)
-    ref = spec.build_model("cpu")
-    model = spec.build_model("cpu")
+    ref = spec.build_model("cpu").double()
+    model = spec.build_model("cpu").double()
     model.load_state_dict(ref.state_dict())
     names = tuple(n for n, _ in spec.named_units(model))
-    policy = FSDPPolicy(fp32_modules=("head", "prototypes"), **(policy_kw or {}))
+    policy = FSDPPolicy(fp32_modules=("head", "prototypes"), **FP64, **(policy_kw or {}))
     parallelize(model, plan=Plan(names, segments), policy=policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     losses, ref_losses, comm = [], [], []
     for crops in _batches(spec, world, steps):
+        crops = [c.double() for c in crops]
         opt.zero_grad()
         with CommCounter() as fwd:
             loss = spec.training_loss(model(_rank_slice(crops, rank)))
         with CommCounter() as bwd:
             loss.backward()
+        _skew_grads(model, *(skew or (None, None)))
         opt.step()
         total = loss.detach().clone()
         dist.all_reduce(total)
@@ -75,11 +101,15 @@ def sharded_matches_single(segments, steps=5, policy_kw=None):
         ref_opt.step()
         ref_losses.append(ref_loss.item())
     params = [_full(p) for p in model.parameters()]
-    # relative to max(|b|, 0.1): zero-initialised biases that moved ~1e-4 are compared at an
-    # absolute ~1e-6, where FP32 reduction order (sharded vs whole batch) already shows.
-    err = max(((a - b).abs().max() / b.abs().max().clamp_min(0.1)).item()
-              for a, b in zip(params, ref.parameters(), strict=True))  # fmt: skip
+    assert all(p.dtype == torch.float64 for p in params)
+    err = _max_rel_err(params, list(ref.parameters()))
     return losses, ref_losses, err, comm, sharded_units(model)
+
+
+def sharded_matches_single_and_catches_a_skew(segments, steps, policy_kw, skew):
+    """:func:`sharded_matches_single` as is, then with ``skew`` planted, in one process group."""
+    return (sharded_matches_single(segments, steps, policy_kw),
+            sharded_matches_single(segments, steps, policy_kw, skew))  # fmt: skip
 
 
 def sharded_units(model) -> int:
@@ -93,6 +123,11 @@ def sharded_units(model) -> int:
                   for p in sub.parameters()}  # fmt: skip
         count += any(id(p) not in nested for p in m.parameters())
     return count
+
+
+def mixed_precision_runs(runs, steps=4):
+    """:func:`mixed_precision_training` for each ``(param_dtype, rounded_to)``, one group."""
+    return [mixed_precision_training(d, None, steps, r)[0] for d, r in runs]
 
 
 def _sharded_tiny(segments, param_dtype):
@@ -121,15 +156,26 @@ def _gather_bytes(counter) -> list[int]:
     return [b for _, op, _, b in counter.calls if op == "_allgather_base_"]
 
 
-def mixed_precision_training(param_dtype, inf_rank=None, steps=4):
+def mixed_precision_training(param_dtype, inf_rank=None, steps=4, rounded_to=None):
     """Losses of a few steps in ``param_dtype`` (fp16 with GradScaler); optionally an inf in
-    one rank's gradients at step 1. Returns the losses and whether each step was taken."""
+    one rank's gradients at step 1. Returns the losses and whether each step was taken.
+
+    ``rounded_to`` (``fp16``/``bf16``): round the initial parameters and the images to that
+    dtype (and back), then train as ``param_dtype`` does; in FP32 this is the noise floor of
+    training in that dtype: what merely representing the problem in it changes."""
     rank, world = dist.get_rank(), dist.get_world_size()
     spec, model = _sharded_tiny(((0, 3, True), (3, 6, False)), param_dtype)
+    low = DTYPES[rounded_to] if rounded_to else None
+    if low is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                _local(p).copy_(_local(p).to(low))
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=param_dtype == "fp16")
     losses, taken = [], []
     for step, crops in enumerate(_batches(spec, world, steps)):
+        if low is not None:
+            crops = [c.to(low).float() for c in crops]
         opt.zero_grad()
         loss = spec.training_loss(model(_rank_slice(crops, rank)))
         scaler.scale(loss).backward()
@@ -186,16 +232,16 @@ def vit_profile_plan_train(steps=3):
     budget = estimate(prof, [(0, n, False)], cfg).peak_bytes - 1  # force some checkpointing
     plan = plan_checkpoints(prof, budget, cfg)
     torch.manual_seed(0)
-    ref = spec.build_model("cpu")
-    model = spec.build_model("cpu")
+    ref = spec.build_model("cpu").double()
+    model = spec.build_model("cpu").double()
     model.load_state_dict(ref.state_dict())
-    parallelize(model, plan=plan, policy=FSDPPolicy())
+    parallelize(model, plan=plan, policy=FSDPPolicy(**FP64))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(5)
     losses = []
     for _ in range(steps):
-        x = torch.randn(4 * world, 3, 32, 32, generator=gen)
+        x = torch.randn(4 * world, 3, 32, 32, generator=gen, dtype=torch.float64)
         opt.zero_grad()
         loss = spec.training_loss(model(x[rank * 4 : (rank + 1) * 4]))
         loss.backward()
@@ -207,8 +253,7 @@ def vit_profile_plan_train(steps=3):
         ref_loss.backward()
         ref_opt.step()
         losses.append((total.item() / world, ref_loss.item()))
-    err = max(((_full(p) - q).abs().max() / q.abs().max()).item()
-              for p, q in zip(model.parameters(), ref.parameters(), strict=True))  # fmt: skip
+    err = _max_rel_err([_full(p) for p in model.parameters()], list(ref.parameters()))
     return losses, err, [list(s) for s in plan.segments]
 
 

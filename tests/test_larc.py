@@ -19,6 +19,9 @@ from fsdpkit import LARC
 from fsdpkit.testing import run_distributed
 
 MODES = [(False, False), (True, False), (False, True), (True, True)]
+# float64 round-off after 10 steps: measured 5e-16 (one process) to 1.3e-15 (FSDP, 3 ranks);
+# a norm taken from one shard instead of all is off by ~1e-1. FP32 sat at a CPU-dependent 1e-7.
+TOL = 1e-12
 
 
 @pytest.mark.parametrize(("clip", "exclude_1d"), MODES)
@@ -28,7 +31,7 @@ def test_single_process_matches_reference(clip, exclude_1d):
     ref = copy.deepcopy(model)
     comm = run_larc(model, make_larc(model, clip=clip, exclude_1d=exclude_1d), 10)
     want = run_reference(ref, 10, clip=clip, exclude_1d=exclude_1d)
-    assert max_rel_error(list(model.parameters()), want) < 1e-6
+    assert max_rel_error(list(model.parameters()), want) < TOL
     assert all(c == {} for c in comm)  # plain parameters: nothing to reduce
 
 
@@ -39,7 +42,7 @@ def test_fsdp_matches_reference_with_one_all_reduce(world_size):
     for m, (clip, exclude_1d) in enumerate(MODES):
         results = [modes[m] for modes in per_rank]
         for rank, (err, comm, adapted, _) in enumerate(results):
-            assert err < 1e-6, (rank, clip, exclude_1d, err)
+            assert err < TOL, (rank, clip, exclude_1d, err)
             # one all-reduce of 2L elements per step, and no all-gather: norms from shards
             assert all(c == {"all_reduce": 1, "all_reduce_numel": 2 * adapted} for c in comm)
         if world_size == 3:
@@ -49,7 +52,7 @@ def test_fsdp_matches_reference_with_one_all_reduce(world_size):
 @pytest.mark.dist
 def test_ddp_needs_no_collective():
     for err, comm in run_distributed(ddp_matches_reference, 2):
-        assert err < 1e-6 and all(c == {} for c in comm)
+        assert err < TOL and all(c == {} for c in comm)
 
 
 def test_rate_is_one_where_a_norm_is_zero():
@@ -94,7 +97,7 @@ def test_grad_scaler_unscales_first_and_a_skipped_step_changes_nothing():
         ref(x).square().mean().backward()
         with torch.no_grad():
             reference_step(params, [p.grad for p in params], bufs, clip=False, exclude_1d=False)
-    assert max_rel_error(list(model.parameters()), params) < 1e-5
+    assert max_rel_error(list(model.parameters()), params) < TOL
 
 
 def test_state_dict_round_trip_resumes_exactly():

@@ -25,8 +25,9 @@ def test_results_come_back_in_rank_order(world_size):
     ]
 
 
-def test_fork_start_method_and_rank_environment():
-    out = run_distributed(env_and_threads, 2, start_method="fork", threads_per_rank=1)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_start_methods_and_rank_environment(method):
+    out = run_distributed(env_and_threads, 2, start_method=method, threads_per_rank=1)
     assert out == [("0", "2", 1), ("1", "2", 1)]
 
 
