@@ -136,8 +136,10 @@ def run_distributed(
 
     ``fn`` and its arguments must be picklable (a module-level function) because ranks are
     started with ``spawn`` by default; ``start_method="fork"`` (or the environment variable
-    ``FSDPKIT_TEST_START_METHOD``) trades that isolation for a faster start. Inside ``fn`` the
-    default process group is initialised; ``RANK``/``WORLD_SIZE`` are set in the environment.
+    ``FSDPKIT_TEST_START_METHOD``) trades that isolation for a faster start, with one intra-op
+    thread per rank (calls asking for more threads spawn: OpenMP does not survive fork).
+    Inside ``fn`` the default process group is initialised; ``RANK``/``WORLD_SIZE`` are set in
+    the environment.
 
     Raises the root-cause rank's own exception (its traceback chained as
     :class:`RemoteTraceback`; a rank that died without an exception is taken as the root cause,
@@ -149,6 +151,12 @@ def run_distributed(
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     method = start_method or os.environ.get("FSDPKIT_TEST_START_METHOD", "spawn")
+    if method == "fork" and threads_per_rank > 1:
+        # GNU OpenMP's thread pool does not survive fork: a forked child whose parent already
+        # ran parallel regions deadlocks in its first one with more than one thread.
+        if start_method == "fork":
+            raise ValueError("start_method='fork' needs threads_per_rank=1 (OpenMP and fork)")
+        method = "spawn"
     ctx = mp.get_context(method)
     # The parent hosts the rendezvous store on an OS-chosen port: nothing can take it from us.
     store = dist.TCPStore(

@@ -115,7 +115,7 @@ def test_two_torchrun_agents_with_nnodes_2_train_together(tmp_path):
         )
         for r in (0, 1)
     ]
-    outs = [a.communicate(timeout=240) for a in agents]
+    outs = [a.communicate(timeout=600) for a in agents]  # hang guards, not stopwatches
     assert [a.returncode for a in agents] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     result = json.loads(outs[0][0].strip().splitlines()[-1])
     assert result["world_size"] == 2 and result["end_step"] == 2 and result["sliced"]
@@ -130,30 +130,32 @@ def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_from_it(tmp_path):
            "--save-every", "1000"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 600
     while time.time() < deadline and not (
         metrics.is_file() and metrics.read_text().count("\n") >= 2
     ):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-2000:]
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result["stopped"] == "sigterm" and 2 <= result["end_step"] < 500
     assert Path(result["checkpoint"]).name == f"step_{result['end_step']:08d}"
     cmd[cmd.index("--json")] = "--stop-after"
     cmd.insert(cmd.index("--stop-after") + 1, str(result["end_step"] + 1))
-    rerun = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=ENV, timeout=120)
+    rerun = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=ENV, timeout=600)
     resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert resumed["start_step"] == result["end_step"]
     assert resumed["end_step"] == result["end_step"] + 1
 
 
 def test_swav_pretraining_beats_a_random_trunk(tmp_path):
-    """The demo's claim, end to end on one rank: 150 SwAV steps of 64 images on the synthetic
-    set give a trunk whose linear probe is clearly above a random trunk's (measured: 39.2% vs
-    26.2%, 1,000 / 500 probe images; ~85 s)."""
-    r = run_distributed(learn_and_evaluate, 1, str(tmp_path / "run"), 150)[0]
+    """The demo's claim, end to end on one rank: 100 SwAV steps of 64 images on the synthetic
+    set give a trunk whose linear probe is clearly above a random trunk's. Measured with
+    pretraining seeds 0 / 1 / 2: 35.0 / 36.6 / 34.6% against 26.2% (1,000 / 500 probe
+    images); 150 steps gave 36.0%, so 100 keep the margin at a third less cost (~2.5 min on
+    a 2-core machine; the timeout is a hang guard)."""
+    r = run_distributed(learn_and_evaluate, 1, str(tmp_path / "run"), 100, timeout_s=900)[0]
     assert r["top1"] > r["random_top1"] + 0.05, r
 
 

@@ -31,6 +31,13 @@ def test_start_methods_and_rank_environment(method):
     assert out == [("0", "2", 1), ("1", "2", 1)]
 
 
+def test_fork_with_several_threads_is_refused_or_spawns(monkeypatch):
+    with pytest.raises(ValueError, match="threads_per_rank=1"):
+        run_distributed(env_and_threads, 1, start_method="fork", threads_per_rank=2)
+    monkeypatch.setenv("FSDPKIT_TEST_START_METHOD", "fork")  # a default, not a demand: spawn
+    assert run_distributed(env_and_threads, 1, threads_per_rank=2) == [("0", "1", 2)]
+
+
 def test_rank_exception_is_reraised_with_its_traceback():
     with pytest.raises(ValueError, match="rank 1 is unhappy") as info:
         run_distributed(raise_on_rank, 3, 1, timeout_s=60)
