@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -156,32 +155,66 @@ class _Big(nn.Module):
         self.layers = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(5)])
 
 
-def _saver(root: str, first_step: int) -> None:
+def _saver(root: str, first_step: int, kill_at: int | None, saves: int | None, counts) -> None:
+    """Save checkpoints in a loop (``saves`` of them, or forever); SIGKILL this process just
+    before its ``kill_at``-th write step: a tensor's bytes, an fsync, a rename, a removal.
+    Counting steps instead of sleeping makes where kills land independent of the machine's
+    speed and load. Puts the number of steps taken on ``counts`` when it ends by itself."""
+    import itertools
+    import shutil
+    import threading
+
+    import ckpt._format
+
     torch.set_num_threads(1)
+    calls, lock = itertools.count(1), threading.Lock()
+
+    def counted(fn):
+        def call(*args, **kwargs):
+            with lock:
+                n = next(calls)
+            if n == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return fn(*args, **kwargs)
+
+        return call
+
+    ckpt._format._raw = counted(ckpt._format._raw)  # once per tensor written, before its bytes
+    for mod, name in ((os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree")):
+        setattr(mod, name, counted(getattr(mod, name)))
     torch.manual_seed(first_step)
     model = _Big()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     step = first_step
-    while True:
+    while saves is None or step < first_step + saves:
         for p in model.parameters():
             p.grad = torch.randn_like(p)
         opt.step()
         save_sharded(Path(root) / f"step_{step:04d}", model, opt, step=step, keep_last=3)
         step += 1
+    counts.put(next(calls) - 1)
 
 
 def test_sigkill_during_saves_never_leaves_a_complete_looking_bad_checkpoint(tmp_path):
-    rng = random.Random(0)
     ctx = mp.get_context("fork")
+    counts = ctx.Queue()
+    # write steps of 4 saves from scratch (the 4th removes the oldest of keep_last=3)
+    proc = ctx.Process(target=_saver, args=(str(tmp_path / "count"), 1, None, 4, counts))
+    proc.start()
+    total = counts.get(timeout=300)  # a hang guard
+    proc.join()
+    assert proc.exitcode == 0 and total > 40, total
+    rng = random.Random(0)
     interrupted = 0
     for _ in range(24):
         done = list_checkpoints(tmp_path)
         first = int(done[-1].name.split("_")[1]) + 1 if done else 1
-        proc = ctx.Process(target=_saver, args=(str(tmp_path), first))
+        # kill inside the first 4 saves of this run (writes, fsyncs, publish, pruning)
+        kill_at = rng.randint(1, total)
+        proc = ctx.Process(target=_saver, args=(str(tmp_path), first, kill_at, None, counts))
         proc.start()
-        time.sleep(rng.uniform(0.05, 0.6))
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
+        proc.join(timeout=300)  # a hang guard
+        assert proc.exitcode == -signal.SIGKILL, proc.exitcode
         interrupted += any(p.name.endswith(".partial") for p in tmp_path.iterdir())
         for ckpt in list_checkpoints(tmp_path):  # every complete-looking one is complete
             verify(ckpt)
@@ -191,4 +224,4 @@ def test_sigkill_during_saves_never_leaves_a_complete_looking_bad_checkpoint(tmp
             opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
             assert load_sharded(latest, model, opt)["step"] == int(latest.name.split("_")[1])
     print(f"{interrupted} of 24 kills interrupted a save")
-    assert interrupted >= 3  # the kills did land in the middle of saves (6–8 seen)
+    assert interrupted >= 3  # the kills did land in the middle of saves
