@@ -1,4 +1,9 @@
-"""The ``ckpt`` command: ``ckpt reslice SRC DST``, ``ckpt verify PATH``, ``ckpt inspect PATH``.
+"""The ``ckpt`` command: ``ckpt reslice SRC DST``, ``ckpt verify PATH``, ``ckpt inspect PATH``,
+``ckpt export SRC DST --format hf|single`` (Hugging Face safetensors) and
+``ckpt import-vissl SRC DST --model NAME`` (SEER/VISSL weights into fsdpkit slices).
+
+``PATH`` / ``SRC`` is an fsdpkit checkpoint or a PyTorch DCP directory (``.metadata`` and
+``__R_F.distcp`` files from ``torch.distributed.checkpoint.save``).
 
 Bad input (a missing, incomplete or corrupt checkpoint) prints one line ``ckpt: error: …``
 naming the file and tensor, and exits with status 2.
@@ -18,6 +23,7 @@ from fsdpkit import FsdpkitError
 from fsdpkit._console import run_command, stdout_console
 from fsdpkit.units import format_bytes
 
+from ._cli_formats import add_format_commands
 from .verify import inspect, verify
 
 __all__ = ["main"]
@@ -42,8 +48,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     world = "source world size" if info["kind"] == "sliced" else "world size"
+    step = "" if info["step"] is None else f"step {info['step']}, "  # DCP records no step
     title = (
-        f"{args.path}: {info['kind']}, step {info['step']}, {world} {info['world_size']}, "
+        f"{args.path}: {info['kind']}, {step}{world} {info['world_size']}, "
         f"{info['files']} files, {format_bytes(info['total_bytes'])}"
     )
     stdout_console().print(title, highlight=False)
@@ -95,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-checksums", action="store_true", help="sizes and headers only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
-    p = sub.add_parser("reslice", help="sharded checkpoint → one file per unit (any world size)")
+    p = sub.add_parser("reslice", help="sharded or DCP checkpoint → one file per unit")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--with-optimizer", action="store_true", help="also slice optimizer state")
@@ -106,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_inspect)
+    add_format_commands(sub)
     return parser
 
 

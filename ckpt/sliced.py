@@ -39,6 +39,7 @@ from ._format import (
     safetensors_header,
 )
 from ._optim import restore_optimizer
+from .dcp import is_dcp, read_dcp_manifest
 from .verify import MANIFEST, SLICED_FORMAT, read_manifest, read_sliced_manifest
 
 __all__ = ["SLICED_FORMAT", "load_sliced", "reslice", "unit_of"]
@@ -194,7 +195,8 @@ def reslice(
     workers: int = 4,
     on_unit: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """Convert sharded checkpoint ``src`` into sliced checkpoint ``dst``; returns ``dst``.
+    """Convert sharded checkpoint ``src`` (ours, or a PyTorch DCP directory: see ``ckpt.dcp``)
+    into sliced checkpoint ``dst``; returns ``dst``.
 
     Streams: each of ``workers`` threads copies chunks of ``_CHUNK`` bytes (512 KiB) from the
     shards to their place in a unit file, checksumming each on the way, so peak memory is
@@ -205,7 +207,10 @@ def reslice(
     (it is journaled before ``reslice`` returns or raises).
     """
     src, dst = Path(src), Path(dst)
-    manifest = read_manifest(src)
+    if is_dcp(src):
+        manifest = read_dcp_manifest(src, need_optimizer=with_optimizer)
+    else:
+        manifest = read_manifest(src)
     if dst.exists():
         raise CheckpointError(f"{dst}: exists; checkpoints are never overwritten")
     kinds = {"param", "buffer"} | ({"optim"} if with_optimizer else set())

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ._format import CheckpointError, crc32_of_range, read_header
+from .dcp import is_dcp, read_dcp_manifest
 
 __all__ = [
     "FORMAT",
@@ -76,7 +77,10 @@ def read_sliced_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def _either(root: Path) -> tuple[str, dict[str, Any]]:
-    """``("sharded" | "sliced", manifest)``, the sliced one seen as one shard per tensor."""
+    """``("sharded" | "sliced" | "dcp", manifest)``, the sliced one seen as one shard per
+    tensor, a DCP one as one shard per chunk."""
+    if is_dcp(root):
+        return "dcp", read_dcp_manifest(root)
     try:
         fmt = json.loads((root / MANIFEST).read_text()).get("format")
     except (OSError, ValueError, AttributeError):
@@ -94,13 +98,13 @@ def _either(root: Path) -> tuple[str, dict[str, Any]]:
 def verify(
     path: str | Path, *, checksums: bool = True, files: Collection[str] | None = None
 ) -> dict[str, Any]:
-    """Check that every file of a sharded or sliced checkpoint is present with its size and
-    header, and (``checksums``) that every tensor's bytes match their CRC-32 (only in
+    """Check that every file of a sharded, sliced or DCP checkpoint is present with its size
+    and header, and (``checksums``) that every tensor's bytes match their CRC-32 (only in
     ``files``, when given: what one rank reads). Returns the manifest (a sliced one with one
-    ``shards`` entry per tensor); raises CheckpointError naming the first file and tensor at
-    fault."""
+    ``shards`` entry per tensor, a DCP one with one per chunk); raises CheckpointError naming
+    the first file and tensor at fault."""
     root = Path(path)
-    _, manifest = _either(root)
+    kind, manifest = _either(root)
     for name, info in manifest["files"].items():
         f = _safe_file(root, name)
         if not f.is_file():
@@ -109,7 +113,8 @@ def verify(
         size = f.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"{f}: {size} bytes, the manifest says {info['bytes']}")
-        read_header(f)
+        if kind != "dcp":  # DCP's records were parsed by read_dcp_manifest
+            read_header(f)
     if checksums:
         for tname, t in manifest["tensors"].items():
             for shard in t["shards"]:
@@ -123,8 +128,8 @@ def verify(
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
-    """A summary of a sharded or sliced checkpoint: step, (source) world size, tensors by kind
-    with dtypes and bytes, total bytes, units (sliced)."""
+    """A summary of a sharded, sliced or DCP checkpoint: step (None for DCP), (source) world
+    size, tensors by kind with dtypes and bytes, total bytes, units (sliced)."""
     kind, manifest = _either(Path(path))
     kinds: dict[str, dict[str, int]] = {}
     dtypes: dict[str, int] = {}
