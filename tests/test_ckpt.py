@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_fns import resume, train
+from kill_fns import kill_at_nth_call
 from torch import nn
 
 from ckpt import (
@@ -160,28 +161,14 @@ def _saver(root: str, first_step: int, kill_at: int | None, saves: int | None, c
     before its ``kill_at``-th write step: a tensor's bytes, an fsync, a rename, a removal.
     Counting steps instead of sleeping makes where kills land independent of the machine's
     speed and load. Puts the number of steps taken on ``counts`` when it ends by itself."""
-    import itertools
     import shutil
-    import threading
 
     import ckpt._format
 
     torch.set_num_threads(1)
-    calls, lock = itertools.count(1), threading.Lock()
-
-    def counted(fn):
-        def call(*args, **kwargs):
-            with lock:
-                n = next(calls)
-            if n == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return fn(*args, **kwargs)
-
-        return call
-
-    ckpt._format._raw = counted(ckpt._format._raw)  # once per tensor written, before its bytes
-    for mod, name in ((os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree")):
-        setattr(mod, name, counted(getattr(mod, name)))
+    targets = [(ckpt._format, "_raw")]  # once per tensor written, before its bytes
+    targets += [(os, "fsync"), (os, "rename"), (os, "replace"), (shutil, "rmtree")]
+    made = kill_at_nth_call(targets, kill_at)
     torch.manual_seed(first_step)
     model = _Big()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -192,7 +179,7 @@ def _saver(root: str, first_step: int, kill_at: int | None, saves: int | None, c
         opt.step()
         save_sharded(Path(root) / f"step_{step:04d}", model, opt, step=step, keep_last=3)
         step += 1
-    counts.put(next(calls) - 1)
+    counts.put(made())
 
 
 def test_sigkill_during_saves_never_leaves_a_complete_looking_bad_checkpoint(tmp_path):

@@ -21,6 +21,7 @@ from ckpt_fns import (
     save_after,
     train_and_save,
 )
+from kill_fns import kill_at_nth_call
 
 import ckpt.sliced
 from ckpt import CheckpointError, load_sliced, reslice, save_sharded, unit_of
@@ -246,26 +247,10 @@ def _reslicer(src, dst, kill_at, counts):
     """Reslice in this (forked) process; SIGKILL itself just before its ``kill_at``-th I/O call
     (``None``: never; the number of calls made is put on ``counts``). Kill points are counted
     in I/O calls, not seconds, so where they land does not depend on the machine's speed."""
-    import itertools
-    import threading
-
     ckpt.sliced._CHUNK = 1024  # many small writes: kills land anywhere in a unit's bytes
-    calls, lock = itertools.count(1), threading.Lock()
-
-    def wrap(fn):
-        def call(*args, **kwargs):
-            with lock:
-                n = next(calls)
-            if n == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return fn(*args, **kwargs)
-
-        return call
-
-    for name in _IO_CALLS:
-        setattr(os, name, wrap(getattr(os, name)))
+    made = kill_at_nth_call([(os, name) for name in _IO_CALLS], kill_at)
     reslice(src, dst, with_optimizer=True)
-    counts.put(next(calls) - 1)
+    counts.put(made())
 
 
 def test_sigkill_during_reslice_never_leaves_complete_looking_bad_slices(tmp_path):
