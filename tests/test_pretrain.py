@@ -170,6 +170,7 @@ def test_swav_pretraining_beats_a_random_trunk(tmp_path):
         (["--trust", "0"], "--trust"),
         (["--lr", "-1"], "--lr"),
         (["--freeze-prototypes", "-5"], "--freeze-prototypes"),
+        (["--log-every", "-1"], "--log-every"),
     ],
 )
 def test_bad_pretrain_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
