@@ -12,12 +12,20 @@ loaders read; ``import_vissl`` turns SEER/VISSL weights into slices.
 from ._format import CheckpointError
 from .dcp import is_dcp, read_dcp_manifest
 from .export import export_hf
-from .sharded import latest_checkpoint, list_checkpoints, load_sharded, save_sharded
+from .sharded import (
+    AsyncSave,
+    latest_checkpoint,
+    list_checkpoints,
+    load_sharded,
+    save_sharded,
+    wait_for_saves,
+)
 from .sliced import load_sliced, reslice, unit_of
 from .verify import inspect, read_manifest, read_sliced_manifest, verify
 from .vissl import import_vissl, map_vissl_keys
 
 __all__ = [
+    "AsyncSave",
     "CheckpointError",
     "export_hf",
     "import_vissl",
@@ -35,4 +43,5 @@ __all__ = [
     "save_sharded",
     "unit_of",
     "verify",
+    "wait_for_saves",
 ]

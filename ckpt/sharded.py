@@ -15,6 +15,9 @@ when its manifest exists; an interrupted save leaves only a ``.partial`` directo
 loaders ignore and the next save of that name clears. ``path`` is never overwritten.
 ``keep_last=N`` then removes older complete checkpoints beside it, each renamed out of sight
 before it is deleted (so a crash mid-delete cannot leave a complete-looking partial one).
+
+``blocking=False`` stages the rank's state (host copies) and returns; a background thread
+writes and publishes by the same rules (``ckpt._async``), one save in flight per process.
 """
 
 from __future__ import annotations
@@ -33,11 +36,19 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from ._async import AsyncSave, side_group, wait_for_saves
 from ._format import CheckpointError, dim0_rows, fsync_dir, write_safetensors
 from ._optim import restore_optimizer
 from .verify import FORMAT, MANIFEST, VERSION, read_manifest, verify
 
-__all__ = ["latest_checkpoint", "list_checkpoints", "load_sharded", "save_sharded"]
+__all__ = [
+    "AsyncSave",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_sharded",
+    "save_sharded",
+    "wait_for_saves",
+]
 
 
 def _dist() -> tuple[int, int]:
@@ -46,9 +57,9 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
+def _barrier(group=None) -> None:
     if _dist()[1] > 1:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _shard_info(t: torch.Tensor, rank: int) -> tuple[torch.Tensor, list[int], bool]:
@@ -104,26 +115,52 @@ def save_sharded(
     extra: dict[str, Any] | None = None,
     keep_last: int | None = None,
     units: list[str] | None = None,
-) -> Path:
-    """Save this rank's shards (call on every rank); returns the published directory.
+    blocking: bool = True,
+) -> Path | AsyncSave:
+    """Save this rank's shards (call on every rank); returns the published directory, or with
+    ``blocking=False`` an :class:`AsyncSave` whose ``wait()`` returns it.
 
     ``units`` (e.g. ``plan.units``) are recorded so that ``reslice`` writes one file per unit.
 
+    ``blocking=False`` returns once this rank's state is staged: copied off the training
+    tensors to host memory (one more copy of the rank's shard, held until written); a
+    background thread then writes, fsyncs and publishes with the same rules (manifest last,
+    atomic rename, keep-last), coordinating ranks over a gloo group of its own so the
+    training's collectives are not disturbed. At most one save is in flight per process: any
+    save first waits for the previous one (and raises its error, if it failed). A process
+    killed mid-save leaves only a ``.partial`` directory, as a blocking save does.
+
     Bytes written per rank: its local shards (≈ model and optimizer state ÷ world size), plus
-    replicated tensors on rank 0. Memory: one tensor at a time beyond what the model holds.
+    replicated tensors on rank 0. Memory (blocking): one tensor at a time beyond the model's.
     """
+    wait_for_saves()
     rank, world = _dist()
     path = Path(path)
+    if rank == 0 and path.exists():
+        raise CheckpointError(f"{path}: exists; checkpoints are never overwritten")
+    entries, opt_json = _collect(model, optimizer, rank, world)
+    meta = {"step": step, "extra": extra, "keep_last": keep_last, "units": units}
+    if blocking:
+        _write(path, entries, opt_json, meta, group=None)
+        return path
+    # Staging: host copies of everything the writer reads; JSON state copied by value.
+    staged = [(n, t.detach().to("cpu", copy=True), *rest) for n, t, *rest in entries]
+    meta = json.loads(json.dumps(meta))
+    opt_json = json.loads(json.dumps(opt_json))
+    group = side_group() if world > 1 else None
+    return AsyncSave.start(path, lambda: _write(path, staged, opt_json, meta, group=group))
+
+
+def _write(path: Path, entries, opt_json, meta: dict[str, Any], group) -> Path:
+    """Write ``entries`` under ``.<name>.partial`` and publish it as ``path`` (rank 0)."""
+    rank, world = _dist()
     tmp = path.parent / f".{path.name}.partial"
     if rank == 0:
-        if path.exists():
-            raise CheckpointError(f"{path}: exists; checkpoints are never overwritten")
         path.parent.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)  # left by an interrupted save of the same name
         tmp.mkdir()
-    _barrier()
-    entries, opt_json = _collect(model, optimizer, rank, world)
+    _barrier(group)
     fname = f"rank_{rank:05d}.safetensors"
     index = write_safetensors(tmp / fname, [(n, t) for n, t, *_ in entries])
     mine = {
@@ -134,13 +171,13 @@ def save_sharded(
     }
     gathered = [None] * world
     if world > 1:
-        dist.all_gather_object(gathered, mine)
+        dist.all_gather_object(gathered, mine, group=group)
     else:
         gathered = [mine]
     if rank == 0:
-        manifest = _manifest(gathered, world, step, extra, opt_json)
-        if units is not None:
-            manifest["units"] = list(units)
+        manifest = _manifest(gathered, world, meta["step"], meta["extra"], opt_json)
+        if meta["units"] is not None:
+            manifest["units"] = list(meta["units"])
         mf = tmp / MANIFEST
         with open(mf, "w") as f:
             json.dump(manifest, f, indent=1)
@@ -149,9 +186,9 @@ def save_sharded(
         fsync_dir(tmp)
         os.rename(tmp, path)  # atomic publish: the checkpoint is complete from here on
         fsync_dir(path.parent)
-        if keep_last:
-            _prune(path.parent, keep_last, keep=path)
-    _barrier()
+        if meta["keep_last"]:
+            _prune(path.parent, meta["keep_last"], keep=path)
+    _barrier(group)
     return path
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -72,8 +73,11 @@ def _worker(
     timeout_s: float,
     threads: int,
     results: mp.Queue,
+    frozen: bool = False,
 ) -> None:
     _die_with_parent()
+    if frozen:
+        gc.freeze()  # inherited by fork: never collected (and destroyed) in this process
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -158,6 +162,12 @@ def run_distributed(
             raise ValueError("start_method='fork' needs threads_per_rank=1 (OpenMP and fork)")
         method = "spawn"
     ctx = mp.get_context(method)
+    if method == "fork":
+        # A forked child inherits the parent's garbage, e.g. a gloo process group of an earlier
+        # in-process test kept alive by a reference cycle; collected in the child, its
+        # destructor joins worker threads that fork did not copy and hangs. Collect it here,
+        # and the child freezes what it inherited (``_worker``).
+        gc.collect()
     # The parent hosts the rendezvous store on an OS-chosen port: nothing can take it from us.
     store = dist.TCPStore(
         "127.0.0.1",
@@ -181,6 +191,7 @@ def run_distributed(
                 timeout_s,
                 threads_per_rank,
                 results,
+                method == "fork",
             ),
             name=f"rank{rank}",
         )

@@ -89,7 +89,9 @@ def _pretrain(a: argparse.Namespace) -> int:
         train=_train_config(a), data=a.data, synthetic_images=a.synthetic_images,
         steps=a.steps, stop_after=a.stop_after, out=a.out, save_every=a.save_every,
         keep_last=a.keep_last, workers=a.workers, seed=a.seed, reslice=not a.no_reslice,
-        photometric=PHOTOMETRIC_PRESETS[a.photometric],
+        photometric=PHOTOMETRIC_PRESETS[a.photometric], max_bad_steps=a.max_bad_steps,
+        collective_timeout_s=a.collective_timeout or None,
+        save_every_minutes=a.save_every_minutes, async_save=a.async_save,
     )  # fmt: skip
     if a.log_every < 0:
         raise FsdpkitError(f"--log-every must be >= 0 (0: automatic), got {a.log_every}")
@@ -129,6 +131,7 @@ def _pretrain(a: argparse.Namespace) -> int:
                              "(whole process; the plan does not predict it)"),
         ("checkpointed segments", str([s[:2] for s in result.plan_segments if s[2]])),
         ("images skipped", str(result.images_skipped or 0)),
+        ("steps skipped (non-finite loss)", str(result.bad_steps)),
         ("checkpoint", str(result.checkpoint)),
         ("sliced", str(result.sliced)),
     ]  # fmt: skip
@@ -195,6 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="loader processes per rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--save-every-minutes",
+        type=float,
+        help="also checkpoint when this many minutes passed since the last save",
+    )
+    p.add_argument(
+        "--async-save",
+        action="store_true",
+        help="write checkpoints in the background (training resumes once staged)",
+    )
+    p.add_argument(
+        "--max-bad-steps",
+        type=int,
+        default=10,
+        help="stop after this many consecutive steps skipped for a non-finite loss",
+    )
+    p.add_argument(
+        "--collective-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a rank may make no progress before the job fails naming it (0: wait forever)",
+    )
     p.add_argument("--no-reslice", action="store_true", help="skip slicing the last checkpoint")
     p.add_argument("--log-every", type=int, default=0,
                    help="steps between progress lines when stdout is not a terminal "

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "Preemption", "distributed"]
+__all__ = ["DistContext", "Preemption", "Watchdog", "distributed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +36,15 @@ def distributed() -> Iterator[DistContext]:
     """Join (or create) the default process group; leave it on exit if this call made it."""
     created = False
     if not dist.is_initialized():
-        if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            # torchrun may keep its store across restarts of the group: keys of the group
+            # that died (its ranks' addresses) must not be read by the new one.
+            store, rank, world = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"seer/{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+        elif "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend)
         else:
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         created = True
@@ -54,8 +64,10 @@ def distributed() -> Iterator[DistContext]:
 class Preemption:
     """SIGTERM (a scheduler's preemption, ``torchrun`` shutting down) asks for a checkpoint.
 
-    Ranks receive the signal at slightly different moments, so :meth:`requested` agrees on it
-    with one MAX all-reduce of one element per step: every rank stops after the same step.
+    Ranks receive the signal at slightly different moments: ``flag`` is this rank's vote,
+    which the training step agrees on in the all-reduce it runs anyway (``train_step``'s
+    ``votes``), so every rank stops after the same step; :meth:`requested` is a stand-alone
+    agreement (one MAX all-reduce of one element) for loops without that step.
     """
 
     def __init__(self) -> None:
@@ -72,3 +84,105 @@ class Preemption:
 
     def close(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+class Watchdog:
+    """Turns a hang into a failure: if this rank's training loop makes no progress for
+    ``timeout_s`` seconds, the job stops with one line naming the rank that is stuck.
+
+    The loop calls :meth:`beat` at every step (and around long phases such as saves). A thread
+    publishes ``(step, phase, counter)`` to the job's rendezvous store every ``timeout_s / 6``
+    seconds; the counter advances while the process runs, so a stopped or dead rank (SIGSTOP,
+    a lost node) shows a frozen counter, and a rank that is alive but has not reached the
+    collective its peers wait in shows the lowest step. When the deadline passes, the first rank
+    to notice prints ``seer-train: error: rank R is stuck at step S (why): no progress for T s
+    ...`` on stderr and every rank that notices exits with status 3 (under ``torchrun
+    --max-restarts`` the agent then restarts the group, which resumes from the newest complete
+    checkpoint).
+
+    Cost: one store write per rank every ``timeout_s / 6`` s, from a background thread.
+    """
+
+    EXIT_CODE = 3
+
+    def __init__(self, timeout_s: float, rank: int, world_size: int, prefix: str = "") -> None:
+        self.timeout_s = timeout_s
+        self.rank, self.world = rank, world_size
+        self._store = dist.PrefixStore(
+            f"watchdog{prefix}/", dist.distributed_c10d._get_default_store()
+        )
+        self._progress = (0, "start", time.monotonic())  # (step, phase, when)
+        self._stop = threading.Event()
+        self._seen: dict[int, tuple[str, float, bool]] = {}
+        self._thread = threading.Thread(target=self._run, name="seer-watchdog", daemon=True)
+        self._thread.start()
+
+    def beat(self, step: int, phase: str = "step") -> None:
+        """This rank is alive and at ``step`` (1-based, the step being computed) in ``phase``."""
+        self._progress = (step, phase, time.monotonic())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        interval = max(self.timeout_s / 6, 0.05)
+        counter = 0
+        while not self._stop.wait(interval):
+            step, phase, since = self._progress
+            counter += 1
+            try:
+                self._store.set(str(self.rank), f"{step} {phase} {counter}")
+                stalled = time.monotonic() - since
+                if stalled > self.timeout_s / 2:  # start watching the peers' heartbeats
+                    self._observe()
+                else:
+                    self._seen.clear()
+            except Exception:  # the store is gone: the agent is tearing the job down
+                return
+            if stalled > self.timeout_s and not self._stop.is_set():
+                self._fail(step, stalled, interval)
+
+    def _observe(self) -> None:
+        now = time.monotonic()
+        for r in range(self.world):
+            beat = self._store.get(str(r)).decode() if self._store.check([str(r)]) else "0 - -1"
+            if r not in self._seen:
+                self._seen[r] = (beat, now, True)  # (heartbeat, first seen, unchanged since)
+            elif self._seen[r][0] != beat:
+                self._seen[r] = (beat, self._seen[r][1], False)
+
+    def _fail(self, step: int, stalled: float, interval: float) -> None:
+        try:
+            culprit = self._culprit(interval)
+            first = self._store.add("reported", 1) == 1
+        except Exception:
+            culprit, first = f"rank {self.rank} is stuck at step {step} (peers unknown)", True
+        if first:
+            print(
+                f"seer-train: error: {culprit}: no progress for {stalled:.0f} s "
+                f"(--collective-timeout {self.timeout_s:g}); stopping the job",
+                file=sys.stderr,
+                flush=True,
+            )
+        os._exit(self.EXIT_CODE)  # peers are blocked in collectives: no clean shutdown exists
+
+    def _culprit(self, interval: float) -> str:
+        """Which rank holds the job: one whose heartbeat froze (stopped or dead), else the one
+        at the lowest step (alive, but not at the collective the others wait in)."""
+        now = time.monotonic()
+        frozen = [
+            r
+            for r, (_, first, unchanged) in self._seen.items()
+            if unchanged and now - first >= 2 * interval and r != self.rank
+        ]
+        beats = {r: b.split() for r, (b, *_) in self._seen.items()}
+        steps = {r: int(b[0]) for r, b in beats.items()}
+        if frozen:
+            r, how = frozen[0], "its process is stopped or dead"
+        else:
+            r = min(steps, key=lambda k: (steps[k], k))
+            if steps[r] == steps[self.rank]:
+                r = self.rank  # every rank at the same step: name the one that noticed
+            how = f"in {beats[r][1]}, alive but not reaching its peers' collective"
+        return f"rank {r} is stuck at step {steps[r]} ({how})"

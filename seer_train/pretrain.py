@@ -10,11 +10,18 @@ Run directory ``out``::
 A run resumes by itself from the newest complete checkpoint in ``out/checkpoints``, at the
 exact sample: the loader restarts at that step and each step's augmentation is seeded by
 (seed, rank, step), so a resumed run computes bitwise what the uninterrupted one would have.
+That is what makes ``torchrun --max-restarts N`` elastic: after a rank dies the agent
+restarts the group and the run continues from the newest checkpoint, bitwise. Failures that
+do not kill a process are turned into ones that do or into policy (docs/resilience.md): a
+rank that makes no progress for ``collective_timeout_s`` stops the job naming it
+(:class:`~seer_train.distributed.Watchdog`); a non-finite loss skips the step on every rank,
+and ``max_bad_steps`` consecutive skips stop the run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -27,7 +34,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
-from ckpt import latest_checkpoint, load_sharded, reslice, save_sharded
+from ckpt import latest_checkpoint, load_sharded, reslice
+from ckpt.sharded import save_sharded, wait_for_saves
 from fsdpkit import FsdpkitError
 from planner import LiveMemory
 
@@ -39,7 +47,7 @@ from .data import (
     SyntheticImages,
     pretrain_loader,
 )
-from .distributed import Preemption, distributed
+from .distributed import Preemption, Watchdog, distributed
 from .schedule import SEERSchedule
 from .train import TrainConfig, build, make_optimizer, make_plan, train_step
 
@@ -58,7 +66,12 @@ class PretrainConfig:
     checkpoint, after this many iterations (a later run resumes); save_every: iterations
     between checkpoints; data: ``synthetic`` or a folder of images (recursive, unlabelled);
     synthetic_images: size of the synthetic set; workers: loader processes per rank;
-    photometric: the colour distortion of every crop (SEER's by default).
+    photometric: the colour distortion of every crop (SEER's by default); max_bad_steps:
+    consecutive skipped steps (non-finite loss) that stop the run; collective_timeout_s:
+    seconds without progress on some rank before the job fails naming it (None: never);
+    save_every_minutes: also checkpoint when this much time passed since the last save
+    (rank 0's clock decides, every rank agrees); async_save: write checkpoints in the
+    background (``save_sharded(blocking=False)``).
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -73,10 +86,22 @@ class PretrainConfig:
     seed: int = 0
     reslice: bool = True
     photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
+    max_bad_steps: int = 10
+    collective_timeout_s: float | None = 300.0
+    save_every_minutes: float | None = None
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.save_every < 1:
             raise FsdpkitError("--steps and --save-every must be >= 1")
+        if self.max_bad_steps < 1:
+            raise FsdpkitError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
+        if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
+            raise FsdpkitError(
+                f"--collective-timeout must be > 0 seconds, got {self.collective_timeout_s}"
+            )
+        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
+            raise FsdpkitError(f"--save-every-minutes must be > 0, got {self.save_every_minutes}")
         if self.stop_after is not None and self.stop_after < 1:
             raise FsdpkitError("--stop-after must be >= 1")
 
@@ -100,6 +125,7 @@ class PretrainResult:
     end_step: int
     stopped: str  # "done", "stop_after" or "sigterm"
     losses: list[float]
+    bad_steps: int  # steps skipped for a non-finite loss (this run)
     images_per_s: float
     peak_memory_bytes: int
     planned_peak_bytes: int
@@ -191,24 +217,40 @@ def pretrain(
         )  # fmt: skip
         augment = PhotometricAugment(cfg.photometric).to(ctx.device)
         preempt = Preemption()
+        # A restarted group (torchrun) gets fresh heartbeat keys in the agent's store.
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
+        watchdog = (
+            Watchdog(cfg.collective_timeout_s, ctx.rank, ctx.world_size, prefix=restart)
+            if cfg.collective_timeout_s
+            else None
+        )
         losses, skipped, rates = [], {}, []
+        bad_steps = bad_run = 0
         # CPU has no allocator statistics: track the tensors of one steady-state step (the
         # second of this run, when momentum buffers exist), else of the only one
         tracked_step = min(start + 1, end - 1) if ctx.device.type != "cuda" else None
         tensor_peak = 0
         saved_at, stopped, step = start, "done", start
+        save_due_s = cfg.save_every_minutes * 60 if cfg.save_every_minutes else float("inf")
+        last_save = time.monotonic()
         metrics_file = open(out / "metrics.jsonl", "a") if ctx.rank == 0 else None  # noqa: SIM115
         try:
             for step in range(start, end):
+                if watchdog:
+                    watchdog.beat(step + 1)
                 t0 = time.perf_counter()
                 crops, info = next(loader)
                 seed = (cfg.seed * 65_537 + ctx.rank) * 1_000_003 + step  # this step, this rank
                 crops = augment([c.to(ctx.device, non_blocking=True) for c in crops], seed=seed)
                 lr = schedule(step)
+                # Flags every rank agrees on in the step's own all-reduce: stop (SIGTERM on
+                # any rank), save now (rank 0's clock; time-based cadence).
+                due = ctx.rank == 0 and time.monotonic() - last_save >= save_due_s
+                votes = torch.tensor([float(preempt.flag), float(due)], device=ctx.device)
 
-                def run(crops=crops, step=step, lr=lr) -> dict[str, float]:
+                def run(crops=crops, step=step, lr=lr, votes=votes) -> dict[str, Any]:
                     return train_step(model, optimizer, scaler, crops, iteration=step, lr=lr,
-                                      cfg=tc)  # fmt: skip
+                                      cfg=tc, votes=votes)  # fmt: skip
 
                 if step == tracked_step:
                     m, tensor_peak = _tracked(run, model, optimizer, crops)
@@ -219,33 +261,50 @@ def pretrain(
                 dt = time.perf_counter() - t0
                 skipped = info.skipped_total  # since this run started, by reason
                 losses.append(m["loss"])
+                bad_steps += m["skipped"]
+                bad_run = bad_run + 1 if m["skipped"] else 0
+                sigterm, save_now = m.pop("votes")
                 rate = tc.batch_size * ctx.world_size / dt
                 if step not in (start, tracked_step):  # warm-up and tracking are not speed
                     rates.append(rate)
                 m |= {"step": step + 1, "lr": lr, "images_per_s": rate,
                       "step_s": dt, "tensor_peak_bytes": tensor_peak, "rss_bytes": _peak_rss(),
-                      "images_skipped": sum(skipped.values())}  # fmt: skip
+                      "images_skipped": sum(skipped.values()), "bad_steps": bad_steps}  # fmt: skip
                 if metrics_file:
                     metrics_file.write(json.dumps(m) + "\n")
                     metrics_file.flush()
                 if on_step:
                     on_step(m)
-                if preempt.requested(ctx.device):
+                if bad_run >= cfg.max_bad_steps:
+                    raise FsdpkitError(
+                        f"step {step + 1}: the loss was not finite on some rank for {bad_run} "
+                        f"consecutive steps (--max-bad-steps {cfg.max_bad_steps}), all skipped; "
+                        f"resume from {latest_checkpoint(ckpts) or 'the start'} with a lower --lr"
+                    )
+                if sigterm:
                     stopped = "sigterm"
-                if (step + 1) % cfg.save_every == 0 or step + 1 == end or stopped == "sigterm":
+                last = step + 1 == end or stopped == "sigterm"
+                if (step + 1) % cfg.save_every == 0 or last or save_now:
+                    if watchdog:
+                        watchdog.beat(step + 1, "save")
                     extra = {"run": cfg.resume_key(), "scaler": scaler.state_dict()}
+                    # the run's last checkpoint is written before returning
                     save_sharded(
                         ckpts / f"step_{step + 1:08d}", model, optimizer, step=step + 1,
                         extra=extra, keep_last=cfg.keep_last, units=list(plan.units),
+                        blocking=not cfg.async_save or last,
                     )  # fmt: skip
-                    saved_at = step + 1
+                    saved_at, last_save = step + 1, time.monotonic()
                 if stopped == "sigterm":
                     break
         finally:
+            if watchdog:
+                watchdog.close()
             loader.close()  # stops the loader's worker processes now, not at collection
             preempt.close()
             if metrics_file:
                 metrics_file.close()
+        wait_for_saves()  # a run that returns has published everything it saved
         done = saved_at if start < end else start
         if stopped == "done" and done < cfg.steps:
             stopped = "stop_after"
@@ -262,6 +321,7 @@ def pretrain(
             end_step=done,
             stopped=stopped,
             losses=losses,
+            bad_steps=bad_steps,
             images_per_s=sum(rates) / len(rates) if rates else 0.0,
             peak_memory_bytes=tensor_peak,
             planned_peak_bytes=plan.peak_bytes,

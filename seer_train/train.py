@@ -15,11 +15,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -163,26 +164,62 @@ def train_step(
     iteration: int,
     lr: float,
     cfg: TrainConfig,
-) -> dict[str, float]:
+    votes: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """One SwAV step on this rank's ``crops`` (n_crops × (B, 3, s_i, s_i), augmented,
-    normalised, on the training device). Returns the loss and the loss scale."""
+    normalised, on the training device).
+
+    A non-finite loss on any rank skips the step on every rank: one MAX all-reduce of a small
+    flag vector decides, and the parameters, optimizer state, BatchNorm statistics and loss
+    scale stay as they were.
+    ``votes`` (shape (n,), FP32, on the device) are this rank's flags to agree on in that same
+    all-reduce (the caller's stop and save requests), so agreeing costs no extra collective.
+
+    Returns ``loss`` (this rank's, float; NaN/inf on a skipped step), ``loss_scale``,
+    ``skipped`` (bool, the same on every rank) and ``votes`` (the agreed flags, floats).
+    Host syncs: one, after backward has been queued (the agreement and the loss value).
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
+    # BatchNorm statistics move in forward: kept to undo a skipped step (a few KiB per unit).
+    buffers = list(model.buffers())
+    before = [b.detach().clone() for b in buffers]
     # Forward: each sharded unit is called once with every resolution group (one all-gather
     # per unit); scores are (n_crops · B, K), crop-major, in FP32.
     _, scores = model(crops)
     # Codes of crops 0 and 1 by distributed Sinkhorn (no gradient), swapped prediction loss.
     loss = swav_loss(scores, len(crops), cfg.loss)
-    if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"iteration {iteration}: the SwAV loss is {loss.item()}")
+    # Agree on a non-finite loss (and the caller's votes) without waiting for it here: the
+    # all-reduce runs while backward is queued; its answer is needed only before the update.
+    flags = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if votes is not None:
+        flags = torch.cat([flags, votes.to(flags.device, torch.float32)])
+    agreement = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
     # Backward: gradients reduce-scattered to their shards in FP32; FP16 scales the loss.
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    if iteration < cfg.freeze_prototypes_iters:
-        model.prototypes.weight.grad = None  # prototypes frozen early on (SwAV)
-    # LARC (one all-reduce of 2L norms) + SGD; GradScaler unscales first and skips the step
-    # on every rank if any rank saw an inf.
-    scaler.step(optimizer)
-    scaler.update()
-    normalize_prototypes(model)
-    return {"loss": loss.item(), "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0}
+    agreement.wait()
+    # The step's one host sync: the agreed flags and this rank's loss in one copy.
+    *agreed, loss_value = torch.cat([flags, loss.detach().float().reshape(1)]).tolist()
+    skipped = agreed[0] > 0
+    if skipped:
+        # Some rank's loss is NaN/inf: its gradients poison every shard through the
+        # reduce-scatter, so no rank steps. The scaler is untouched (it did not unscale).
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for b, old in zip(buffers, before, strict=True):
+                b.copy_(old)
+    else:
+        if iteration < cfg.freeze_prototypes_iters:
+            model.prototypes.weight.grad = None  # prototypes frozen early on (SwAV)
+        # LARC (one all-reduce of 2L norms) + SGD; GradScaler unscales first and skips the
+        # step on every rank if any rank saw an inf gradient.
+        scaler.step(optimizer)
+        scaler.update()
+        normalize_prototypes(model)
+    return {
+        "loss": loss_value,
+        "loss_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
+        "skipped": skipped,
+        "votes": agreed[1:],
+    }

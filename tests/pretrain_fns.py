@@ -1,20 +1,25 @@
 """Per-rank bodies for the pretraining tests (spawned ranks import them by name)."""
 
+import json
+import os
+from pathlib import Path
+
 from seer_train.pretrain import PretrainConfig, pretrain
 from seer_train.train import TrainConfig
 
 
-def tiny_run(out: str, steps: int, stop_after: int | None = None, **kw) -> dict:
+def tiny_run(out: str, steps: int, stop_after: int | None = None, on_step=None, **kw) -> dict:
     """A few SwAV steps of ``tiny`` on synthetic images; returns the result as a dict."""
     cfg = PretrainConfig(
         train=TrainConfig(model="tiny", batch_size=4, **kw.pop("train", {})),
         data="synthetic", synthetic_images=64, steps=steps, stop_after=stop_after, out=out,
         save_every=kw.pop("save_every", 3), workers=kw.pop("workers", 0), **kw,
     )  # fmt: skip
-    r = pretrain(cfg)
+    r = pretrain(cfg, on_step=on_step)
     return {"losses": r.losses, "start": r.start_step, "end": r.end_step, "stopped": r.stopped,
             "checkpoint": r.checkpoint, "sliced": r.sliced, "skipped": r.images_skipped,
-            "peak": r.peak_memory_bytes, "planned": r.planned_peak_bytes}  # fmt: skip
+            "peak": r.peak_memory_bytes, "planned": r.planned_peak_bytes,
+            "bad_steps": r.bad_steps}  # fmt: skip
 
 
 def evaluate(ckpt: str) -> dict:
@@ -40,3 +45,29 @@ def learn_and_evaluate(out: str, steps: int) -> dict:
     pretrain(cfg)
     probe = LinearEvalConfig(ckpt=f"{out}/sliced", train_images=1000, val_images=500)
     return asdict(linear_eval(probe))
+
+
+def poison_crops(rank: int, steps: set[int]) -> None:
+    """From now on, this process's augmentation returns NaN crops on ``rank`` at the 0-based
+    ``steps`` (read back from the step seed: (seed·65537 + rank)·1000003 + step)."""
+    import torch
+
+    from seer_train import pretrain as module
+
+    class Poisoned(module.PhotometricAugment):
+        def forward(self, crops, seed=None):
+            out = super().forward(crops, seed=seed)
+            me = int(os.environ.get("RANK", "0"))
+            if me == rank and seed is not None and seed % 1_000_003 in steps:
+                out[0] = torch.full_like(out[0], float("nan"))
+            return out
+
+    module.PhotometricAugment = Poisoned
+
+
+def nan_run(out: str, steps: int, bad_rank: int, bad_steps: list[int], **kw) -> dict:
+    """``tiny_run`` with NaN crops on ``bad_rank`` at the 0-based ``bad_steps``."""
+    poison_crops(bad_rank, set(bad_steps))
+    r = tiny_run(out, steps, **kw)
+    lines = Path(out, "metrics.jsonl").read_text().splitlines() if os.environ["RANK"] == "0" else []
+    return r | {"metrics": [json.loads(x) for x in lines]}

@@ -1,6 +1,7 @@
 """End-to-end SwAV pretraining: resume, SIGTERM, torchrun multi-node, linear evaluation, CLI."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pretrain_fns import evaluate, learn_and_evaluate, tiny_run
+from pretrain_fns import evaluate, learn_and_evaluate, nan_run, poison_crops, tiny_run
 from safetensors import safe_open
 
+from fsdpkit import FsdpkitError
 from fsdpkit.testing import run_distributed
 from seer_train.cli import main
 from seer_train.distributed import distributed
@@ -190,3 +192,38 @@ def test_resuming_with_other_settings_is_refused(tmp_path, capsys):
 def test_linear_eval_missing_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["linear-eval", "--ckpt", str(tmp_path)]) == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.dist
+def test_a_non_finite_loss_on_one_rank_skips_that_step_on_every_rank(tmp_path):
+    # rank 1's crops are NaN at step 3 only; a checkpoint after every step shows what changed
+    run = tmp_path / "run"
+    r = run_distributed(nan_run, 2, str(run), 4, 1, [2], save_every=1, keep_last=10)
+    assert [x["bad_steps"] for x in r] == [1, 1] and [x["end"] for x in r] == [4, 4]
+    assert [m["skipped"] for m in r[0]["metrics"]] == [False, False, True, False]
+    assert [m["bad_steps"] for m in r[0]["metrics"]] == [0, 0, 1, 1]
+    assert math.isnan(r[1]["losses"][2])  # (SyncBN and Sinkhorn spread it to rank 0 too)
+    s2, s3, s4 = (_state(str(run / "checkpoints" / f"step_{i:08d}")) for i in (2, 3, 4))
+    # parameters, momentum and BatchNorm statistics of step 3 are step 2's, bitwise; then
+    # training goes on
+    assert s2.keys() == s3.keys() and all(torch.equal(s2[k], s3[k]) for k in s2)
+    assert not all(torch.equal(s3[k], s4[k]) for k in s3)
+    assert all(torch.isfinite(t).all() for t in s4.values() if t.is_floating_point())
+
+
+@pytest.mark.dist
+def test_consecutive_non_finite_losses_stop_the_run_on_every_rank(tmp_path):
+    with pytest.raises(
+        FsdpkitError, match=r"step 3: .*for 2 consecutive steps \(--max-bad-steps 2"
+    ):
+        run_distributed(nan_run, 2, str(tmp_path / "run"), 6, 0, [1, 2, 3], max_bad_steps=2)
+
+
+def test_max_bad_steps_from_the_cli_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    import seer_train.pretrain as module
+
+    monkeypatch.setattr(module, "PhotometricAugment", module.PhotometricAugment)  # undone after
+    poison_crops(0, {0, 1})
+    code = main([*ARGS, "--steps", "4", "--out", str(tmp_path / "run"), "--max-bad-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--max-bad-steps 2" in err, err

@@ -5,6 +5,7 @@ import os
 import pytest
 from dist_fns import (
     all_reduce_rank,
+    collect_garbage,
     env_and_threads,
     exit_on_rank_zero,
     raise_on_rank,
@@ -36,6 +37,25 @@ def test_fork_with_several_threads_is_refused_or_spawns(monkeypatch):
         run_distributed(env_and_threads, 1, start_method="fork", threads_per_rank=2)
     monkeypatch.setenv("FSDPKIT_TEST_START_METHOD", "fork")  # a default, not a demand: spawn
     assert run_distributed(env_and_threads, 1, threads_per_rank=2) == [("0", "1", 2)]
+
+
+def test_fork_does_not_inherit_a_parents_garbage_process_group():
+    # An in-process test may leave a gloo group in a reference cycle (a traceback holding its
+    # frame). Destroyed by a forked rank's collector, it joins threads fork did not copy:
+    # that hung the suite under pytest-xdist until the harness collected it before forking.
+    import gc
+
+    import torch.distributed as dist
+
+    gc.disable()  # keep the cycle for the fork, as a busy parent's collector would
+    try:
+        pg = dist.ProcessGroupGloo(dist.HashStore(), 0, 1)
+        cycle: list = [pg]
+        cycle.append(cycle)
+        del pg, cycle
+        assert run_distributed(collect_garbage, 2, start_method="fork", timeout_s=60) == [1, 1]
+    finally:
+        gc.enable()
 
 
 def test_rank_exception_is_reraised_with_its_traceback():
