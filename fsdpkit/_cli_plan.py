@@ -53,8 +53,21 @@ def _profile(args: argparse.Namespace, device: str = "meta"):
         raise FsdpkitError("--batch is required with --model")
     if args.batch < 1:
         raise FsdpkitError(f"--batch must be >= 1, got {args.batch}")
-    spec = get_model_spec(args.model)
+    spec = get_model_spec(args.model, input_shape=_shape(args.input), units=args.units)
     return spec, profile_model(spec, args.batch, device=device, dtype=args.dtype)
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    """``"3x224x224"`` -> ``(3, 224, 224)``: one example's input shape, without the batch."""
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise FsdpkitError(f"--input {text!r} is not a shape; use e.g. 3x224x224")
+    return dims
 
 
 def _config(args: argparse.Namespace, sharded: bool, overhead: bool = True):
@@ -104,9 +117,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget, budget_source = _budget(args)
     spec, prof = _profile(args)
     cfg = _config(args, sharded=not args.no_fsdp)
-    plan = plan_checkpoints(prof, budget, cfg, objective=args.objective, segments=args.segments)
+    verify, tracker = None, None
+    if args.verify:
+        from planner.oracle import tracker_verifier
+
+        if spec is None:
+            raise FsdpkitError("--verify runs the model: give --model, not --profile")
+        verify, tracker = tracker_verifier(spec, args.batch, cfg, args.dtype)
+    plan = plan_checkpoints(
+        prof, budget, cfg, objective=args.objective, segments=args.segments, verify=verify
+    )
     out: dict[str, Any] = plan.to_json()
     out["budget_source"] = budget_source
+    if tracker is not None:
+        out["verification"] = {
+            "tracker": tracker,
+            "peak_bytes": plan.verified_peak_bytes,
+            "time_s": plan.verify_time_s,
+        }
     if not plan.fits:
         out["largest_batch_that_fits"] = largest_batch(prof, cfg, budget, spec)
         out["world_size_needed"] = world_size_needed(prof, cfg, budget) if cfg.sharded else None
@@ -138,6 +166,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{cfg.world_size}, {prof.dtype}, optimizer {cfg.optimizer}, fixed overhead "
         f"{fb(cfg.overhead_bytes)}; solved in {plan.solver_time_s * 1e3:.0f} ms"
     )
+    if tracker is not None:
+        got = plan.verified_peak_bytes
+        console.print(
+            f"verified with {tracker} (symbolic, plus the fixed overhead): "
+            + (f"peak {fb(got)}" if got is not None else "not run (the prediction does not fit)")
+            + f"; verification took {plan.verify_time_s:.1f} s"
+            + "".join(f"; {n}" for n in plan.notes)
+        )
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
     console.print(
         f"{verdict}: peak {fb(plan.peak_bytes)} (at {plan.peak_event}) of {fb(budget)}; "
@@ -239,6 +275,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     def common(p: argparse.ArgumentParser, dtype: str) -> None:
         p.add_argument("--model", help="registered name or package.module:factory")
+        p.add_argument(
+            "--input",
+            metavar="CxHxW",
+            help="input shape of one example; then --model package.module:factory may "
+            "return any nn.Module (its units are found automatically)",
+        )
+        p.add_argument("--units", metavar="GLOB", help="with --input: module names of the units")
         p.add_argument("--batch", type=int, help="per-rank batch size (images)")
         p.add_argument("--dtype", choices=list(DTYPES), default=dtype, help="training precision")
         p.add_argument("--gpu-mem", help="per-rank budget, e.g. 40GiB (default: NVML GPU 0)")
@@ -256,6 +299,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--segments", type=int, help="fixed number of min-max segments (study)")
     p.add_argument("--profile", metavar="FILE", help="plan from a saved profile, not a model")
     p.add_argument("--no-fsdp", action="store_true", help="plan one unsharded process")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the plan with PyTorch's memory tracker (symbolic) and re-plan until it fits",
+    )
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("profile", help="per-unit activation memory and FLOPs of a step")

@@ -2,13 +2,20 @@
 checkpointed region, and every unit is still called by the model as before.
 
 A plan names the model's units (``plan.units``, qualified module names in order) and splits
-them into ``plan.segments`` of ``(start, end_exclusive, checkpointed)``. Units form a chain
-(each unit's output is the next unit's input). For a checkpointed segment ``[s, e)``, a forward
-pre-hook on unit ``s`` enters non-reentrant checkpointing and a forward hook on unit ``e - 1``
-leaves it: only the segment's input is kept; in backward, units ``s..e-1`` run again through
-their own ``__call__``, so hooks on them (FSDP2's un-shard, our profilers) see the
-recomputation as they see the forward. Memory: one segment's activations at a time; compute:
-one more forward of every checkpointed unit.
+them into ``plan.segments`` of ``(start, end_exclusive, checkpointed)``. Units form a chain:
+each unit's input comes from the previous unit's output (the tensor itself, an element of a
+tuple or a view of it, e.g. ``layer(x)[0]``), plus arguments that do not (``input_dimensions``
+of a Swin block, a mask). For a checkpointed segment ``[s, e)``, a forward pre-hook on unit
+``s`` enters non-reentrant checkpointing and a forward hook on unit ``e - 1`` leaves it: only
+the segment's input is kept. While the region runs, the hooks record how each unit was called
+(which output element or view it received; other arguments as they were); in backward, units
+``s..e-1`` run again through their own ``__call__`` with those arguments, so hooks on them
+(FSDP2's un-shard, our profilers) see the recomputation as they see the forward. Memory: one
+segment's activations at a time; compute: one more forward of every checkpointed unit.
+
+What the model's own code holds is not released by checkpointing: a ``forward`` that runs
+``x = self.trunk(x)`` keeps the trunk's input until the trunk returns, whether or not anything
+saves it for backward. The planner measures and models that (``UnitProfile.input_held_until``).
 
 Recomputation leaves BatchNorm running statistics alone (momentum 0 and the batch counter
 restored while it runs): plain ``torch.utils.checkpoint`` updates them twice per step.
@@ -19,11 +26,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext, suppress
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.checkpoint import _checkpoint_without_reentrant_generator
 
 from .errors import FsdpkitError
@@ -48,6 +58,19 @@ def _contexts():
     return nullcontext(), nullcontext()
 
 
+@dataclass(frozen=True, slots=True)
+class _FromPrevious:
+    """Argument = leaf ``index`` of the previous unit's output, or a view of it
+    (``view`` = size, stride, storage offset)."""
+
+    index: int
+    view: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
+
+
+def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
+
+
 class _Segment:
     """Checkpointing of units[0..] entered at the first unit's call, left after the last's."""
 
@@ -56,17 +79,21 @@ class _Segment:
         self.gen = None
         self.recomputing = False
         self.bns = [m for u in units for m in u.modules() if isinstance(m, _BatchNorm)]
+        self.calls: list[tuple[tuple, dict]] = []  # how units[1:] were called, this forward
+        self._outputs: list[tuple[int, int]] = []  # (id, storage key) of the last output leaves
 
-    def recompute(self, *args: Any) -> Any:
+    def recompute(self, calls: list[tuple[tuple, dict]], *args: Any, **kwargs: Any) -> Any:
         frozen = [(m, m.momentum, m.num_batches_tracked) for m in self.bns if m.training]
         self.recomputing = True
         counters = [n.clone() if n is not None else None for _, _, n in frozen]
         for m, _, _ in frozen:
             m.momentum = 0.0  # running stats were updated by the forward already
         try:
-            x = self.units[0](*args)
-            for unit in self.units[1:]:
-                x = unit(x)
+            x = self.units[0](*args, **kwargs)
+            for unit, call in zip(self.units[1:], calls, strict=True):
+                leaves = _tensor_leaves(x)
+                a, kw = tree_map(lambda v, lv=leaves: _rebuild(v, lv), call)
+                x = unit(*a, **kw)
             return x
         finally:
             self.recomputing = False
@@ -75,21 +102,63 @@ class _Segment:
                 if n is not None:
                     n.copy_(saved)
 
-    def enter(self, _module: nn.Module, args: tuple) -> None:
+    def _active(self) -> bool:
+        return self.gen is not None and not self.recomputing
+
+    def enter(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.recomputing or not torch.is_grad_enabled():
             return
-        head = (self.recompute, True, _contexts, "default", False)
+        self.calls = []  # one list per forward: gradient accumulation runs several
+        fn = partial(self.recompute, self.calls)
+        head = (fn, True, _contexts, "default", False)
         self.gen = _checkpoint_without_reentrant_generator(
-            *head, *((True,) if _HAS_EARLY_STOP else ()), *args
+            *head, *((True,) if _HAS_EARLY_STOP else ()), *args, **kwargs
         )
         next(self.gen)
+
+    def record_output(self, _module: nn.Module, _args: tuple, out: Any) -> None:
+        if self._active():
+            leaves = _tensor_leaves(out)
+            self._outputs = [(id(t), storage_key(t)) for t in leaves]
+
+    def record_call(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active():
+            return
+        ids = {i: k for k, (i, _) in enumerate(self._outputs)}
+        keys = {st: k for k, (_, st) in enumerate(self._outputs)}
+
+        def describe(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor):
+                return v
+            if id(v) in ids:
+                return _FromPrevious(ids[id(v)])
+            if storage_key(v) in keys:
+                return _FromPrevious(
+                    keys[storage_key(v)], (tuple(v.shape), v.stride(), v.storage_offset())
+                )
+            return v  # not computed by the previous unit: kept as it is for recomputation
+
+        self.calls.append(tree_map(describe, (args, kwargs)))
+        self._outputs = []
 
     def leave(self, _module: nn.Module, _args: tuple, _out: Any) -> None:
         if self.recomputing or self.gen is None:
             return
         gen, self.gen = self.gen, None
+        self._outputs = []
         with suppress(StopIteration):
             next(gen)
+
+
+def storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _rebuild(v: Any, leaves: list[torch.Tensor]) -> Any:
+    if not isinstance(v, _FromPrevious):
+        return v
+    t = leaves[v.index]
+    return t if v.view is None else t.as_strided(*v.view)
 
 
 def _resolve(model: nn.Module, plan: CheckpointPlan) -> list[nn.Module]:
@@ -126,14 +195,20 @@ def apply_ac(model: nn.Module, plan: CheckpointPlan) -> int:
         raise FsdpkitError("the model is already checkpointed; call remove_ac first")
     modules = _resolve(model, plan)
     handles = []
+    regions = 0
     for s, e, ckpt in plan.segments:
         if not ckpt:
             continue
         seg = _Segment(modules[s:e])
-        handles.append(modules[s].register_forward_pre_hook(seg.enter))
+        handles.append(modules[s].register_forward_pre_hook(seg.enter, with_kwargs=True))
+        for m in modules[s + 1 : e]:
+            handles.append(m.register_forward_pre_hook(seg.record_call, with_kwargs=True))
+        for m in modules[s : e - 1]:
+            handles.append(m.register_forward_hook(seg.record_output))
         handles.append(modules[e - 1].register_forward_hook(seg.leave, always_call=True))
+        regions += 1
     object.__setattr__(model, _HANDLES, handles)
-    return len(handles) // 2
+    return regions
 
 
 def remove_ac(model: nn.Module) -> None:

@@ -13,7 +13,8 @@
 Memory: parameters, gradients and optimizer state are sharded (÷ world size); at any time a
 rank holds the un-sharded parameters of the running unit and of the ``prefetch`` next ones, in
 the all-gather dtype (FP16/BF16: half the bytes of FP32). BatchNorm all-gathers its (small)
-parameters separately in FP32 and always normalises in FP32.
+parameters separately in FP32 and always normalises in FP32, but takes its input in the
+training dtype and keeps only that for backward (no FP32 copy of it: see :mod:`.syncbn`).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class FSDPPolicy:
     reshard_after_forward: free un-sharded parameters after each unit's forward (re-gathered
         in backward); False keeps them, trading memory for one all-gather per unit.
     sync_bn_group_size: ranks per SyncBatchNorm group (None or 0: all; 1: local BatchNorm;
-        -1: leave BatchNorm modules as they are).
+        -1: no synchronisation: BatchNorm modules are left as they are in FP32/FP64 and made
+        local SyncBatchNorm in FP16/BF16, for FP32 statistics on the low-precision input).
     batchnorm: ``"replicate"``: BatchNorm parameters stay whole on every rank in FP32 and
         their gradients are averaged by one bucketed all-reduce at the end of backward (one
         collective per step for all of them; needs ``fully_shard(ignored_params=...)``, torch
@@ -104,12 +106,14 @@ class FSDPPolicy:
             raise FsdpkitError(f"FSDPPolicy.prefetch must be >= 0, got {self.prefetch}")
 
 
-def _mp(param: str, reduce: str, output: str | None = None) -> MixedPrecisionPolicy:
+def _mp(
+    param: str, reduce: str, output: str | None = None, cast_inputs: bool = True
+) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(
         param_dtype=DTYPES[param],
         reduce_dtype=DTYPES[reduce],
         output_dtype=DTYPES[output] if output else None,
-        cast_forward_inputs=True,
+        cast_forward_inputs=cast_inputs,
     )
 
 
@@ -121,9 +125,11 @@ def apply_fsdp(
 ) -> list[nn.Module]:
     """Shard ``model`` bottom-up with ``fully_shard``; returns the sharded units in order.
 
-    BatchNorm modules become FP32 units whose output is cast back to ``param_dtype``; each of
-    ``units`` becomes a unit in ``param_dtype``; ``policy.fp32_modules`` become FP32 units; the
-    root is sharded last (it owns whatever parameters remain).
+    BatchNorm modules become FP32 units whose input is *not* cast (FP32 parameters and
+    arithmetic on the ``param_dtype`` input, which is what backward keeps; output in
+    ``param_dtype``); each of ``units`` becomes a unit in ``param_dtype``;
+    ``policy.fp32_modules`` become FP32 units; the root is sharded last (it owns whatever
+    parameters remain).
     """
     policy = policy or FSDPPolicy()
     if not units:
@@ -149,8 +155,11 @@ def apply_fsdp(
         # A BatchNorm runs once per resolution group inside its unit; resharding its 2·C
         # parameters after each call would all-gather them again for every group and again in
         # backward. Keeping them un-sharded costs 2·C·4 bytes per layer.
+        # No input cast: an FP32 copy of the input would be what backward saves (2× the bytes
+        # of an FP16/BF16 activation); BatchNorm upcasts inside its arithmetic instead.
         out = low if low != full else None
-        fully_shard(m, mesh=mesh, reshard_after_forward=False, mp_policy=_mp(full, full, out))
+        mp = _mp(full, full, out, cast_inputs=False)
+        fully_shard(m, mesh=mesh, reshard_after_forward=False, mp_policy=mp)
     for unit in units:
         fully_shard(unit, mp_policy=_mp(low, policy.reduce_dtype), **kw)
     for name in policy.fp32_modules:
@@ -232,8 +241,9 @@ def parallelize(
     # 1. SyncBatchNorm first: replacing modules after sharding would lose the sharded state.
     if policy.sync_bn_group_size != -1:
         convert_sync_batchnorm(model, policy.sync_bn_group_size)
-    elif _bn_mode(policy) == "replicate" and policy.param_dtype in ("fp16", "bf16"):
-        convert_sync_batchnorm(model, 1)  # local, but FP32 maths on low-precision input
+    elif policy.param_dtype in ("fp16", "bf16"):
+        # local, but FP32 maths on the low-precision input, which is all backward keeps
+        convert_sync_batchnorm(model, 1)
     # 2. Checkpointing hooks before sharding hooks: recomputation runs inside each unit.
     if plan is not None:
         apply_ac(model, plan)

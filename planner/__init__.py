@@ -6,10 +6,14 @@ checkpoint segmentation, and solve for the plan with the least recomputation tha
     profile = profile_model(get_model_spec("regnet10b"), 16, dtype="fp16")   # meta: no memory
     plan = plan_checkpoints(profile, 40 * 2**30, MemoryConfig(world_size=8, sharded=True))
     plan.segments   # ((0, 6, True), (6, 21, True), (21, 28, False))
+
+:mod:`planner.oracle` checks predictions against PyTorch's ``MemTracker`` / ``FSDPMemTracker``
+and verifies plans (``plan_checkpoints(..., verify=tracker_verifier(...)[0])``).
 """
 
 from .measure import MeasuredStep, measure_step
-from .memory import MemoryConfig, MemoryEstimate, estimate, static_floor_bytes
+from .memory import MemoryConfig, MemoryEstimate, estimate, held_input_bytes, static_floor_bytes
+from .oracle import fsdp_memtracker_peak, memtracker_peak, tracker_verifier
 from .plan import Plan, make_plan
 from .profile import DTYPES, ModelProfile, UnitProfile, emulate_mixed_precision, profile_model
 from .solve import (
@@ -34,8 +38,11 @@ __all__ = [
     "UnitProfile",
     "emulate_mixed_precision",
     "estimate",
+    "fsdp_memtracker_peak",
+    "held_input_bytes",
     "make_plan",
     "measure_step",
+    "memtracker_peak",
     "minmax_partition",
     "plan_checkpoints",
     "profile_model",
@@ -43,4 +50,5 @@ __all__ = [
     "solve_recompute",
     "sqrt_segments",
     "static_floor_bytes",
+    "tracker_verifier",
 ]

@@ -55,6 +55,20 @@ def _nvml_used_bytes(index: int) -> int | None:
         return None
 
 
+def training_step(spec: ModelSpec, model, opt, inputs):
+    """The step every measurement runs: forward, ``spec``'s loss, backward, optimizer step,
+    ``zero_grad(set_to_none=True)`` (so gradients appear during backward, as in training)."""
+
+    def step() -> None:
+        loss = spec.training_loss(model(inputs))
+        loss.backward()
+        del loss
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def measure_step(
     spec: ModelSpec,
     batch_size: int,
@@ -75,13 +89,7 @@ def measure_step(
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=weight_decay)
     inputs = spec.example_input(batch_size, dev)
 
-    def step() -> None:
-        loss = spec.training_loss(model(inputs))
-        loss.backward()
-        del loss
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = training_step(spec, model, opt, inputs)
     step()  # warm-up: momentum buffers exist from now on
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

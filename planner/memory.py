@@ -34,6 +34,7 @@ __all__ = [
     "MemoryEstimate",
     "Segment",
     "estimate",
+    "held_input_bytes",
     "normalize_segments",
     "segment_events",
     "static_floor_bytes",
@@ -86,6 +87,7 @@ class MemoryConfig:
 ACT = "activations kept (plain units)"
 CKPT_IN = "inputs of checkpointed segments"
 RECOMP = "recomputed segment"
+HELD = "unit inputs the model's code holds"
 TEMP = "temporaries (unit working set, gradients in flight)"
 
 
@@ -134,6 +136,8 @@ class _Statics:
             shard = math.ceil(prof.param_numel / cfg.world_size)
             self.base = {
                 "parameters (sharded fp32)": 4 * shard,
+                # Held for the whole step, though they appear only in backward: this over-count
+                # stands in for the all-gather / reduce-scatter buffers not modelled yet.
                 "gradients (sharded fp32)": 4 * shard,
                 "optimizer state (sharded)": 4 * state * shard,
                 "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
@@ -147,7 +151,8 @@ class _Statics:
                 "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
                 "fixed overhead": cfg.overhead_bytes,
             }
-            # Gradients accumulate in backward: those of units after i (and the tail) exist.
+            # Gradients appear in backward (zero_grad(set_to_none) removed the last step's):
+            # while unit i runs backward, those of units after i and of the tail exist.
             grads = [u.param_bytes for u in prof.units] + [prof.tail_param_bytes]
             self._grads_after = [sum(grads[i + 1 :]) for i in range(n + 1)]
         self._unit_params = [u.param_bytes for u in prof.units]
@@ -171,6 +176,7 @@ class _Statics:
     def bwd(self, i: int) -> dict[str, int]:
         """Static terms while unit ``i`` runs backward (``i == n``: the tail)."""
         s = dict(self.base)
+        s["loss and its gradient"] = 2 * self.p.loss_bytes
         n = len(self._unit_params)
         if self.c.sharded:
             if i >= n:
@@ -257,7 +263,7 @@ def segment_events(
         parts = {
             RECOMP if ckpt else ACT: own,
             CKPT_IN: held,
-            TEMP: u[i].output_bytes + u[i].bwd_peak_bytes,
+            TEMP: u[i].output_bytes + u[i].bwd_peak_bytes + u[i].later_output_bytes,
         }
         events.append(Event(f"bwd {i}", statics.bwd(i), parts))
     return ((0, held) if ckpt else (stored, 0)), events
@@ -320,6 +326,27 @@ def _event_flops(prof: ModelProfile, label: str) -> int:
     return 2 * fwd if kind == "bwd" else fwd
 
 
+def held_input_bytes(prof: ModelProfile, segments: list[Segment]) -> list[int]:
+    """Per unit ``i``: bytes of earlier units' inputs that the model's own code still holds
+    while unit ``i`` runs forward (``UnitProfile.input_held_until``) and that nothing else
+    counts: a boundary a checkpointed segment does not save stays allocated all the same."""
+    n = len(prof.units)
+    types: list[bool | None] = [None] * n
+    starts = set()
+    for s, e, c in segments:
+        types[s:e] = [c] * (e - s)
+        if c:
+            starts.add(s)
+    held = [0] * n
+    for b, u in enumerate(prof.units):
+        if u.input_held_until <= b or b in starts:
+            continue
+        extra = u.input_bytes - _boundary_kept(prof, b, types, start=False)
+        for i in range(b + 1, min(u.input_held_until, n - 1) + 1):
+            held[i] += max(extra, 0)
+    return held
+
+
 def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> MemoryEstimate:
     """Replay one step under ``segments``: predicted peak, its breakdown, and the timeline.
 
@@ -345,6 +372,13 @@ def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> 
     for seg_prefix, events in reversed(backward):
         timeline += [(seg_prefix, ev) for ev in events]
     timeline.append(((0, 0), Event("optimizer step", statics.optimizer_step(), {})))
+    held = held_input_bytes(prof, segments)
+    timeline = [
+        (pre, Event(ev.label, ev.static, {**ev.parts, HELD: held[int(ev.label[4:])]}))
+        if ev.label.startswith("fwd ") and ev.label[4:].isdigit() and held[int(ev.label[4:])]
+        else (pre, ev)
+        for pre, ev in timeline
+    ]
     totals = [
         (ev.label, sum(pre) + ev.static_total + ev.local, _event_flops(prof, ev.label))
         for pre, ev in timeline
@@ -352,7 +386,7 @@ def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> 
     k = max(range(len(totals)), key=lambda j: totals[j][1])
     pre, ev = timeline[k]
     breakdown = dict(ev.static)
-    for name in (ACT, CKPT_IN, RECOMP, TEMP):
+    for name in (ACT, CKPT_IN, RECOMP, TEMP, HELD):
         breakdown[name] = ev.parts.get(name, 0)
     breakdown[ACT] += pre[0]
     breakdown[CKPT_IN] += pre[1]

@@ -15,6 +15,19 @@ from .profile import ModelProfile
 
 __all__ = ["Plan", "make_plan"]
 
+# Keys that reports add around a plan (derived properties, and what ``fsdpkit plan --json``
+# prints beside it); reading a plan skips them, any other unknown key is an error.
+_REPORT_KEYS = frozenset(
+    {
+        "fits",
+        "recompute_fraction",
+        "budget_source",
+        "largest_batch_that_fits",
+        "world_size_needed",
+        "verification",
+    }
+)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Plan:
@@ -23,7 +36,9 @@ class Plan:
     ``segments``: ``(start, end_exclusive, checkpointed)`` tiling ``units`` (module names).
     Bytes are per rank; ``peak_bytes`` and ``breakdown`` are the memory model's prediction at
     the step's peak; ``recompute_flops`` are the forward FLOPs run again in backward, and
-    ``step_flops`` the FLOPs of a plain step (forward + backward).
+    ``step_flops`` the FLOPs of a plain step (forward + backward). ``verified_peak_bytes``:
+    the peak a memory tracker measured for this plan (None: not verified), which took
+    ``verify_time_s`` seconds.
     """
 
     model: str
@@ -46,10 +61,16 @@ class Plan:
     solver_time_s: float
     max_segment_bytes: int | None = None
     notes: tuple[str, ...] = field(default=())
+    verified_peak_bytes: int | None = None
+    verify_time_s: float = 0.0
 
     @property
     def fits(self) -> bool:
-        return self.peak_bytes <= self.budget_bytes
+        """Predicted peak within budget, and so is the tracker's, when the plan was verified."""
+        verified = self.verified_peak_bytes
+        return self.peak_bytes <= self.budget_bytes and (
+            verified is None or verified <= self.budget_bytes
+        )
 
     @property
     def recompute_fraction(self) -> float:
@@ -64,7 +85,7 @@ class Plan:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], origin: str = "plan") -> Plan:
         try:
-            kwargs = {k: v for k, v in data.items() if k not in ("fits", "recompute_fraction")}
+            kwargs = {k: v for k, v in data.items() if k not in _REPORT_KEYS}
             kwargs["units"] = tuple(kwargs["units"])
             kwargs["segments"] = tuple((int(s), int(e), bool(c)) for s, e, c in data["segments"])
             kwargs["activation_bytes"] = tuple(kwargs["activation_bytes"])
@@ -94,6 +115,8 @@ def make_plan(
     solver_time_s: float = 0.0,
     max_segment_bytes: int | None = None,
     notes: Sequence[str] = (),
+    verified_peak_bytes: int | None = None,
+    verify_time_s: float = 0.0,
 ) -> Plan:
     """Evaluate ``segments`` with the memory model and wrap the result as a :class:`Plan`."""
     n = len(prof.units)
@@ -121,4 +144,6 @@ def make_plan(
         solver_time_s=solver_time_s,
         max_segment_bytes=max_segment_bytes,
         notes=tuple(notes),
+        verified_peak_bytes=verified_peak_bytes,
+        verify_time_s=verify_time_s,
     )

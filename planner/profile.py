@@ -14,7 +14,17 @@ peak of any plan:
   the unit's start (grad on / off);
 - ``bwd_peak_bytes``: the backward's peak above the live bytes when its output gradient is
   complete (temporaries, gradients of inputs and parameters);
-- ``flops`` (forward) and ``param_bytes``.
+- ``flops`` (forward) and ``param_bytes``;
+- ``input_held_until``: the last unit whose forward starts while this unit's input is still
+  alive in a forward without grad, where nothing is saved for backward: the model's own code
+  holds it (e.g. ``x = self.trunk(x)`` keeps the trunk's input until the trunk returns). -1:
+  released when the unit is done. A checkpointed segment does not save such a tensor, yet it
+  stays allocated until then; the memory model adds it to those forwards;
+- ``later_output_bytes``: a unit called once with several inputs (one per resolution group)
+  returns several outputs; those after the first are counted as alive through the unit's
+  whole backward. MemTracker sees them there (``tiny``: exactly that, on units 1-3), where
+  the phase boundary the unit's hooks see does not; on units where they are already freed
+  it over-counts by at most their bytes.
 
 On ``meta`` nothing is allocated, so ``regnet10b`` at batch 16 profiles on a laptop.
 """
@@ -24,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
 from fsdpkit import FsdpkitError, ModelSpec
@@ -42,7 +54,7 @@ from .tracker import LiveMemory, storage_key, tensor_storages
 
 __all__ = ["DTYPES", "ModelProfile", "UnitProfile", "emulate_mixed_precision", "profile_model"]
 
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BN = _BatchNorm  # nn.BatchNorm*d, nn.SyncBatchNorm and fsdpkit.SyncBatchNorm alike
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,8 @@ class UnitProfile:
     flops: int
     param_bytes: int
     param_numel: int = 0
+    input_held_until: int = -1
+    later_output_bytes: int = 0
 
     @property
     def activation_bytes(self) -> int:
@@ -77,7 +91,9 @@ class ModelProfile:
     last unit (pooling, heads, loss): ``tail_saved_bytes`` kept for backward,
     ``tail_saves_input_bytes`` of the last unit's output, forward/backward peaks above start.
     ``step_flops``: forward + backward FLOPs of the step. ``measured_peak_bytes``: the peak
-    of the profiled plain step itself (a self-check for the memory model).
+    of the profiled plain step itself (a self-check for the memory model). ``loss_bytes``:
+    the loss tensor, alive through backward with its gradient (``torch.autograd.backward``
+    holds both until it returns).
     """
 
     model: str
@@ -103,6 +119,7 @@ class ModelProfile:
     measured_peak_bytes: int
     profile_time_s: float = 0.0
     source: str = "profile"
+    loss_bytes: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -170,16 +187,15 @@ class ModelProfile:
 def emulate_mixed_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Run ``model`` as FSDP mixed precision does: parameters in ``dtype``, BatchNorm in FP32.
 
-    Non-BN parameters are cast to ``dtype``; each BatchNorm keeps FP32 parameters, gets its
-    input cast to FP32 and its output cast back (what a separately sharded FP32 BN unit does).
+    Non-BN parameters are cast to ``dtype``; each BatchNorm keeps FP32 parameters and running
+    statistics and takes its input in ``dtype``, as :mod:`fsdpkit.syncbn` does: FP32
+    arithmetic, output in ``dtype``, and only the low-precision input (plus per-channel FP32
+    vectors) kept for backward.
     """
     if dtype == torch.float32:
         return model
     for m in model.modules():
-        if isinstance(m, _BN):
-            m.register_forward_pre_hook(lambda _m, args: tuple(a.float() for a in args))
-            m.register_forward_hook(lambda _m, _a, out: out.to(dtype))
-        else:
+        if not isinstance(m, _BN):
             for name, p in list(m.named_parameters(recurse=False)):
                 setattr(m, name, nn.Parameter(p.detach().to(dtype), p.requires_grad))
     return model
@@ -196,10 +212,13 @@ class _Trace:
         self.outputs: list[dict[int, int]] = [{} for _ in range(n)]
         self.fwd_peak = [0] * n
         self.bwd_peak = [0] * n
+        self.later_outputs = [0] * n  # bytes of outputs after the first (multi-input calls)
         self.flops = [0] * n
-        self.pre_peak = self.tail_fwd_peak = self.tail_bwd_peak = 0
+        self.pre_peak = self.tail_fwd_peak = self.tail_bwd_peak = self.loss_bytes = 0
         self._start = self._flops_at = 0
         self._bwd_unit = n  # unit whose backward runs now; n = the tail
+        self.held_until = [-1] * n
+        self._input_refs: list[list[weakref.ref]] = [[] for _ in range(n)]
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
@@ -220,15 +239,29 @@ class _Trace:
             if i == 0:
                 self.pre_peak = self.t.window_peak - self._start
             self.inputs[i] = self._storages(args)
+            self._note_held(i, args)
             self.current = i
             self._start = self.t.reset_window()
             self._flops_at = self.t.flops
 
         return hook
 
+    def _note_held(self, i: int, args: Any) -> None:
+        """Unit ``i`` starts: which earlier units' inputs are still alive (not as its input)."""
+        mine = set(self.inputs[i])
+        for j in range(i):
+            alive = (r() for r in self._input_refs[j])
+            if any(st is not None and storage_key(st) not in mine for st in alive):
+                self.held_until[j] = i
+        self._input_refs[i] = [
+            weakref.ref(st) for st in tensor_storages(args) if storage_key(st) not in self.excluded
+        ]
+
     def post_hook(self, i: int):
         def hook(_m, _args, out):
             self.outputs[i] = self._storages(out)
+            leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.later_outputs[i] = _sum(self._storages(leaves[1:])) if len(leaves) > 1 else 0
             self.fwd_peak[i] = self.t.window_peak - self._start
             self.flops[i] = self.t.flops - self._flops_at
             self.current = "tail"
@@ -278,6 +311,7 @@ class _Trace:
                 if not grad:
                     return self.t.flops
                 loss = spec.training_loss(out)
+                self.loss_bytes = sum(st.nbytes() for st in tensor_storages(loss))
                 self.tail_fwd_peak = self.t.window_peak - self._start
                 del out
                 self._start = self.t.reset_window()
@@ -298,7 +332,10 @@ def _fused_attention_on_meta():
     original = F.scaled_dot_product_attention
 
     def routed(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if q.is_meta and not kw.get("enable_gqa", False):
+        # A mask that needs a gradient (Swin's position bias) rules the fused kernel out on
+        # real devices too: those calls take the math path there as here.
+        mask_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
+        if q.is_meta and not kw.get("enable_gqa", False) and not mask_grad:
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
             )[0]
@@ -372,13 +409,15 @@ def profile_model(
                 fwd_peak_bytes=plain.fwd_peak[i],
                 fwd_nograd_peak_bytes=nograd.fwd_peak[i],
                 bwd_peak_bytes=plain.bwd_peak[i],
+                later_output_bytes=plain.later_outputs[i],
                 flops=plain.flops[i],
                 param_bytes=sum(p.nbytes for p in unit.parameters()),
                 param_numel=sum(p.numel() for p in unit.parameters()),
+                input_held_until=nograd.held_until[i],
             )
         )
     last_out = plain.outputs[-1].keys()
-    return ModelProfile(
+    prof = ModelProfile(
         model=spec.name,
         batch_size=batch_size,
         dtype=dtype,
@@ -401,4 +440,6 @@ def profile_model(
         step_flops=step_flops,
         measured_peak_bytes=tracker.peak,
         profile_time_s=time.perf_counter() - t0,
+        loss_bytes=plain.loss_bytes,
     )
+    return prof

@@ -16,6 +16,7 @@ REQUIRED = {
     "units", "activation_bytes", "segments", "peak_bytes", "peak_bytes_without_checkpointing",
     "budget_bytes", "fits", "recompute_flops", "recompute_fraction", "objective",
 }  # fmt: skip
+VIT_MODULE = ["plan", "--model", "oracle_models:vit_module", "--batch", "2", "--input"]
 REGNET10B_WS1 = ["plan", "--model", "regnet10b", "--batch", "16", "--world-size", "1"]
 
 
@@ -65,13 +66,13 @@ def test_when_nothing_fits_it_says_the_largest_batch(capsys):
 
 def test_when_activations_do_not_fit_it_says_batch_and_world_size(capsys):
     argv = ["plan", "--model", "regnet10b", "--world-size", "6", "--gpu-mem", "40"]
-    out = run_json(capsys, *argv, "--batch", "32")
+    out = run_json(capsys, *argv, "--batch", "48")
     assert not out["fits"] and out["world_size_needed"] > 6
     b = out["largest_batch_that_fits"]
-    assert 16 <= b < 32
+    assert 16 <= b < 48
     assert run_json(capsys, *argv, "--batch", str(b))["fits"]
     assert not run_json(capsys, *argv, "--batch", str(b + 1))["fits"]
-    at_world = ["--world-size", str(out["world_size_needed"]), "--batch", "32"]
+    at_world = ["--world-size", str(out["world_size_needed"]), "--batch", "48"]
     assert run_json(capsys, *argv[:3], *at_world, "--gpu-mem", "40")["fits"]
 
 
@@ -118,6 +119,9 @@ def test_profile_save_then_plan_from_it(tmp_path, capsys):
         (["plan", "--model", "tiny", "--batch", "2", "--gpu-mem", "512MiB"], "lower --overhead"),
         (["plan", "--model", "tiny", "--batch", "2", "--plot", "x.jpg"], "png or .svg"),
         (["profile", "--model", "tiny", "--batch", "-3"], "--batch must be >= 1"),
+        ([*VIT_MODULE, "3by32"], "not a shape"),
+        ([*VIT_MODULE, "3x32x32", "--units", "nothing.*"], "matches no module"),
+        (["plan", "--model", "tiny", "--batch", "2", "--input", "3x32x32"], "module:factory"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
@@ -153,3 +157,65 @@ def test_parse_bytes(text, n):
 
 def test_format_bytes():
     assert format_bytes(40 * 2**30) == "40 GiB" and format_bytes(1536) == "1.5 KiB"
+
+
+def test_plan_json_loads_as_a_plan(capsys):
+    from planner import Plan
+
+    out = run_json(capsys, "plan", "--model", "tiny", "--batch", "4", "--gpu-mem", "80MiB",
+                   "--overhead", "0", "--no-fsdp", "--dtype", "fp32")  # fmt: skip
+    assert "budget_source" in out
+    plan = Plan.from_json(out)
+    report = ("budget_source", "largest_batch_that_fits", "world_size_needed")
+    assert json.loads(json.dumps(plan.to_json())) == {
+        k: v for k, v in out.items() if k not in report
+    }
+    with pytest.raises(Exception, match="not an fsdpkit plan"):
+        Plan.from_json({**out, "no_such_field": 1})
+
+
+def test_verify_checks_the_plan_with_memtracker(capsys):
+    from planner.oracle import memtracker_peak
+
+    out = run_json(capsys, "plan", "--model", "toy_models:vit_spec", "--batch", "4",
+                   "--gpu-mem", "700KiB", "--overhead", "0", "--no-fsdp", "--dtype", "fp32",
+                   "--verify")  # fmt: skip
+    v = out["verification"]
+    assert v["tracker"] == "MemTracker" and v["time_s"] > 0
+    assert v["peak_bytes"] == out["verified_peak_bytes"]
+    assert out["fits"] == (max(out["peak_bytes"], v["peak_bytes"]) <= out["budget_bytes"])
+    from fsdpkit import get_model_spec
+
+    spec = get_model_spec("toy_models:vit_spec")
+    assert memtracker_peak(spec, 4, [tuple(s) for s in out["segments"]]) == v["peak_bytes"]
+
+
+ANY_MODULE = ["--batch", "4", "--no-fsdp", "--dtype", "fp32", "--overhead", "0", "--gpu-mem", "1"]
+
+
+@pytest.mark.parametrize(
+    ("factory", "first", "blocks"),
+    [
+        ("vit_module", "vit.embeddings", 3),
+        ("convnext_module", "convnext.embeddings", 4),
+        ("regnet_module", "regnet.embedder", 6),
+    ],
+)
+def test_plan_any_module_finds_units_and_matches_memtracker(factory, first, blocks, capsys):
+    """No ModelSpec: a factory returning an nn.Module, an input shape, units found; the
+    no-checkpointing prediction is within [0, +3%] of MemTracker."""
+    from fsdpkit import get_model_spec
+    from planner.oracle import memtracker_peak
+
+    model = f"oracle_models:{factory}"
+    out = run_json(capsys, "plan", "--model", model, "--input", "3x32x32", *ANY_MODULE)
+    assert out["units"][0] == first and len(out["units"]) == blocks + 1
+    spec = get_model_spec(model, input_shape=(3, 32, 32))
+    measured = memtracker_peak(spec, 4, [(0, len(out["units"]), False)])
+    assert measured <= out["peak_bytes_without_checkpointing"] <= measured * 1.03
+
+
+def test_units_glob_overrides_discovery(capsys):
+    out = run_json(capsys, "plan", "--model", "oracle_models:vit_module", "--input", "3x32x32",
+                   "--units", "vit.layers.*", *ANY_MODULE)  # fmt: skip
+    assert out["units"] == [f"vit.layers.{i}" for i in range(3)]

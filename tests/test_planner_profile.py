@@ -34,7 +34,10 @@ def test_memory_model_reproduces_the_profiled_plain_step(name):
     prof = profile_model(get_model_spec(name), 4)
     n = len(prof.units)
     est = estimate(prof, [(0, n, False)], MemoryConfig(optimizer="none"))
-    assert abs(est.peak_bytes - prof.measured_peak_bytes) <= 64
+    # exact but for the gradients of a multi-input unit's later outputs, which MemTracker sees
+    # alive through the unit's backward and the profile's hooks do not (an upper bound)
+    slack = max(u.later_output_bytes for u in prof.units)
+    assert 0 <= est.peak_bytes - prof.measured_peak_bytes <= 64 + slack
 
 
 def test_unit_flops_add_up_to_the_forward():
@@ -62,13 +65,13 @@ def _plans(prof):
     ("name", "batch"),
     [("tiny", 4), ("tiny", 16), ("rg8gf", 1), ("rg8gf", 2), ("toy_models:vit_spec", 8)],
 )
-def test_predicted_peak_within_5_percent_of_a_real_cpu_step(name, batch):
+def test_predicted_peak_covers_a_real_cpu_step_within_3_percent(name, batch):
     spec = get_model_spec(name)
     prof = profile_model(spec, batch)  # symbolic: meta device
     for label, segments in _plans(prof).items():
         predicted = estimate(prof, segments, STEP).peak_bytes
         measured = measure_step(spec, batch, segments).peak_bytes
-        assert abs(predicted - measured) <= 0.05 * measured, (label, predicted, measured)
+        assert measured <= predicted <= 1.03 * measured, (label, predicted, measured)
 
 
 def test_checkpointing_saves_what_the_plan_says():

@@ -1,0 +1,140 @@
+"""Every GPU memory check the project has, in one run (<= 8 minutes on one GPU); writes JSON.
+
+Per model (rg8gf, rg32gf, a ``transformers`` RegNetY-400MF-shaped model) and per plan (no
+checkpointing; the planner's plan for a budget 30% below that peak): the predicted peak of
+one FP32 process (symbolic, on meta) against ``torch.cuda.max_memory_allocated`` and NVML's
+used memory over a real steady-state step (:func:`planner.measure_step`), plus
+``MemTracker``'s symbolic figure. Error = (predicted - measured) / measured; the planner's
+standard is [0, +3%] against the allocator.
+
+    python bench/gpu_check.py [--out bench/results/gpu_check.json] [--budget-s 480]
+    python bench/gpu_check.py --dry-run     # no GPU: small models, real CPU tensors (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
+
+from _report import report  # noqa: E402
+
+from fsdpkit import ModelSpec, get_model_spec  # noqa: E402
+from planner import MemoryConfig, estimate, measure_step, plan_checkpoints, profile_model  # noqa: E402
+from planner.memory import static_floor_bytes  # noqa: E402
+from planner.oracle import memtracker_peak  # noqa: E402
+
+# (label, spec factory, batch): sized so that a step fits a 40 GiB GPU unplanned.
+GPU_CASES: list[tuple[str, Callable[[], ModelSpec], int]] = [
+    ("rg8gf", lambda: get_model_spec("rg8gf"), 8),
+    ("rg32gf", lambda: get_model_spec("rg32gf"), 4),
+    ("hf-regnet-y-400mf", lambda: _hf("regnet_y_400mf", 224), 64),
+]
+DRY_CASES: list[tuple[str, Callable[[], ModelSpec], int]] = [
+    ("toy-vit", lambda: _toy(), 2),
+    ("hf-regnet", lambda: _hf("regnet_small"), 2),
+]
+
+
+def _hf(name: str, *args) -> ModelSpec:
+    import oracle_models
+
+    return getattr(oracle_models, name)(*args)
+
+
+def _toy() -> ModelSpec:
+    import toy_models
+
+    return toy_models.vit_spec()
+
+
+def check_case(label: str, spec: ModelSpec, batch: int, device: str) -> list[dict]:
+    """Rows for one model: no checkpointing, and the plan for a budget 70% of the way from the
+    static floor (parameters, gradients, optimizer state: no plan goes below) to that peak."""
+    prof = profile_model(spec, batch)  # meta: the prediction never sees the device
+    cfg = MemoryConfig()
+    n = len(prof.units)
+    plain = estimate(prof, [(0, n, False)], cfg).peak_bytes
+    floor = static_floor_bytes(prof, cfg)
+    plan = plan_checkpoints(prof, int(floor + 0.7 * (plain - floor)), cfg)
+    rows = []
+    for name, segs in (("no checkpointing", [(0, n, False)]), ("plan", list(plan.segments))):
+        predicted = estimate(prof, segs, cfg).peak_bytes
+        step = measure_step(spec, batch, segs, device=device)
+        rows.append(
+            {
+                "model": label,
+                "batch": batch,
+                "plan": name,
+                "segments": [list(s) for s in segs],
+                "budget_bytes": plan.budget_bytes if name == "plan" else None,
+                "predicted_bytes": predicted,
+                "measured_bytes": step.peak_bytes,
+                "measured_by": "max_memory_allocated" if device == "cuda" else "LiveMemory",
+                "nvml_used_bytes": step.extra.get("nvml_used_bytes"),
+                "max_reserved_bytes": step.extra.get("max_reserved_bytes"),
+                "memtracker_bytes": memtracker_peak(spec, batch, segs),
+                "error": (predicted - step.peak_bytes) / step.peak_bytes,
+            }
+        )
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def run(cases, device: str, budget_s: float) -> dict:
+    """Run ``cases`` on ``device`` until ``budget_s`` seconds have passed; what was skipped is
+    listed, never silently dropped."""
+    t0 = time.perf_counter()
+    rows, skipped = [], []
+    for label, factory, batch in cases:
+        if time.perf_counter() - t0 > budget_s:
+            skipped.append(label)
+            continue
+        rows += check_case(label, factory(), batch, device)
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    return {"device": device, "gpu": gpu, "rows": rows, "skipped": skipped,
+            "wall_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def _table(data: dict) -> Table:
+    table = Table(title=f"predicted vs measured peak ({data['device']})")
+    for col in ("model", "batch", "plan", "predicted", "measured", "NVML used", "MemTracker",
+                "error"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("model", "plan") else "right")
+    mib = 2**20
+    for r in data["rows"]:
+        nvml = r["nvml_used_bytes"]
+        table.add_row(r["model"], str(r["batch"]), r["plan"], f"{r['predicted_bytes'] / mib:.1f}",
+                      f"{r['measured_bytes'] / mib:.1f}",
+                      f"{nvml / mib:.0f}" if nvml is not None else "-",
+                      f"{r['memtracker_bytes'] / mib:.1f}", f"{r['error']:+.2%}")  # fmt: skip
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("bench/results/gpu_check.json"))
+    p.add_argument("--budget-s", type=float, default=480.0, help="stop starting cases after")
+    p.add_argument("--dry-run", action="store_true", help="no GPU: small models on the CPU")
+    args = p.parse_args(argv)
+    if args.dry_run:
+        data = run(DRY_CASES, "cpu", args.budget_s)
+    else:
+        if not torch.cuda.is_available():
+            print("gpu_check: error: no CUDA device (use --dry-run to test the script)")
+            return 2
+        data = run(GPU_CASES, "cuda", args.budget_s)
+    report(_table(data), args.out, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
