@@ -27,9 +27,9 @@ from _report import report
 from rich.table import Table
 
 from fsdpkit.testing import run_distributed
-from fsdpkit.units import format_bytes
+from kitcore.units import format_bytes
 from seer_train.data import PhotometricAugment
-from seer_train.train import TrainConfig, build, make_optimizer, make_plan, train_step
+from seer_train.train import TrainConfig, build, make_optimizer, solve_plan, train_step
 
 
 def _rank_body(cfg: TrainConfig, steps: int, device_type: str) -> dict:
@@ -37,7 +37,7 @@ def _rank_body(cfg: TrainConfig, steps: int, device_type: str) -> dict:
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    plan = make_plan(cfg, world)
+    plan = solve_plan(cfg, world)
     model, _ = build(cfg, plan, device)
     opt = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "fp16")

@@ -3,7 +3,9 @@
 A staged save (host copies of a rank's shards, taken on the training thread) is written by a
 thread. Its collectives (the barriers and the gather of per-rank indexes) run on a gloo group
 created once for the job, never on the default group: two threads issuing collectives on one
-group could interleave them differently on different ranks.
+group could interleave them differently on different ranks. The group spans the whole world
+because it only coordinates (barriers, the index gather, rank 0's publish); which rank writes
+which rows was decided when staging, from each tensor's own mesh (``_format.local_rows``).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ import json
 from rich import box
 from rich.table import Table
 
-from fsdpkit._console import stdout_console
-from fsdpkit.units import format_bytes
+from kitcore.console import stdout_console
+from kitcore.units import format_bytes
 
 __all__ = ["add_format_commands"]
 

@@ -11,6 +11,7 @@ as plain numbers (storage dtype, key, offset, size, stride), never as a tensor.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -21,26 +22,42 @@ from pathlib import Path, PosixPath, PurePosixPath, PureWindowsPath, WindowsPath
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import filesystem as _fs
-from torch.distributed.checkpoint import metadata as _md
 
 from ._format import ST_DTYPES, CheckpointError
 
-_META_CLASSES = {
-    ("torch.distributed.checkpoint.metadata", n): getattr(_md, n)
-    for n in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
-              "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _fs._StorageInfo,
-    ("torch", "Size"): torch.Size,
-    # a dict lookup of torch's layouts by name (how torch.layout pickles)
-    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-    ("collections", "OrderedDict"): OrderedDict,
-} | {
-    # StorageMeta.checkpoint_id: the path the checkpoint was saved to
-    ("pathlib", c.__name__): c
-    for c in (Path, PosixPath, WindowsPath, PurePosixPath, PureWindowsPath)
-}  # fmt: skip
+
+@functools.cache
+def _meta_classes() -> dict[tuple[str, str], Any]:
+    """The classes DCP metadata may name. Imported on first use: torch.distributed.checkpoint
+    loads FSDP, which ``import ckpt`` must not."""
+    from torch.distributed.checkpoint import filesystem as _fs
+    from torch.distributed.checkpoint import metadata as _md
+
+    return {
+        ("torch.distributed.checkpoint.metadata", n): getattr(_md, n)
+        for n in ("Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+                  "BytesStorageMetadata", "TensorProperties", "StorageMeta",
+                  "_MEM_FORMAT_ENCODING")
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _fs._StorageInfo,
+        ("torch", "Size"): torch.Size,
+        # a dict lookup of torch's layouts by name (how torch.layout pickles)
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        ("collections", "OrderedDict"): OrderedDict,
+    } | {
+        # StorageMeta.checkpoint_id: the path the checkpoint was saved to
+        ("pathlib", c.__name__): c
+        for c in (Path, PosixPath, WindowsPath, PurePosixPath, PureWindowsPath)
+    }  # fmt: skip
+
+
+def is_tensor_meta(meta: Any) -> bool:
+    """Whether a DCP ``state_dict_metadata`` entry describes a tensor."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return isinstance(meta, TensorStorageMetadata)
+
+
 # torch.save of a tensor names its storage by the legacy typed class: dtype by that name
 _STORAGE_DTYPES = {
     "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
@@ -80,7 +97,7 @@ def _restricted_load(data: bytes, where: str, allowed: dict, cls=_Restricted) ->
         raise CheckpointError(f"{where}: corrupt pickle ({type(e).__name__}: {e})") from None
 
 
-def load_metadata(path: Path) -> _md.Metadata:
+def load_metadata(path: Path) -> Any:
     """``.metadata`` through the allow-list; CheckpointError if missing, refused or malformed."""
     try:
         data = path.read_bytes()
@@ -88,8 +105,10 @@ def load_metadata(path: Path) -> _md.Metadata:
         raise CheckpointError(f"{path}: missing (not a DCP checkpoint?)") from None
     except OSError as e:
         raise CheckpointError(f"{path}: unreadable: {e}") from None
-    md = _restricted_load(data, str(path), _META_CLASSES)
-    if not isinstance(md, _md.Metadata) or not isinstance(md.state_dict_metadata, dict) \
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    md = _restricted_load(data, str(path), _meta_classes())
+    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
             or not isinstance(md.storage_data, dict):  # fmt: skip
         raise CheckpointError(f"{path}: not DCP metadata (filesystem storage)")
     return md

@@ -19,19 +19,23 @@ import zlib
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from fsdpkit import FsdpkitError
+from kitcore import FsdpkitError
 
 __all__ = [
     "ST_DTYPES",
+    "TORCH_DTYPES",
     "CheckpointError",
+    "LocalRows",
     "crc32_combine",
     "crc32_of_range",
     "dim0_rows",
     "fsync_dir",
+    "local_rows",
     "read_header",
     "safetensors_header",
     "write_safetensors",
@@ -45,6 +49,8 @@ _DTYPES = {
 _CHUNK = 64 << 20  # bytes hashed/read at a time
 # safetensors dtype and bytes per element, by the dtype name manifests record ("float32")
 ST_DTYPES = {str(k).removeprefix("torch."): (v, k.itemsize) for k, v in _DTYPES.items()}
+# the torch dtype of each name manifests record: the same table, the other way
+TORCH_DTYPES = {str(k).removeprefix("torch."): k for k in _DTYPES}
 
 
 class CheckpointError(FsdpkitError):
@@ -183,6 +189,51 @@ def dim0_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
     per rank, the last ranks shorter or empty)."""
     chunk = math.ceil(rows / world) if rows else 0
     return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+
+
+class LocalRows(NamedTuple):
+    """Where a rank's piece of a tensor lies: rows ``[begin, end)`` of dim 0 of the global
+    tensor, whether that is a dim-0 shard (else the whole tensor), whether this rank is the one
+    that writes it (the copy at coordinate 0 on every ``Replicate`` mesh dimension), and which
+    piece it is: ``index`` of ``count`` (0 of 1 when whole)."""
+
+    begin: int
+    end: int
+    sharded: bool
+    writer: bool
+    index: int = 0
+    count: int = 1
+
+
+def local_rows(t: torch.Tensor, name: str) -> LocalRows:
+    """This rank's rows of ``t`` as its own layout says: a plain tensor is whole (and every
+    rank could write it); a DTensor is cut along dim 0 on the one mesh dimension whose placement
+    is ``Shard(0)`` (``torch.chunk`` pieces: ``mesh.size(dim)`` of them, this rank's at
+    ``mesh.get_local_rank(dim)``) and copied along its ``Replicate`` dimensions: FSDP2 (one
+    dimension), HSDP (``(Replicate(), Shard(0))``), a mesh over part of the world. Anything else
+    (``Shard`` on another dim, two ``Shard`` dimensions, ``Partial``, strided shards) raises a
+    one-line CheckpointError naming the placements."""
+    rows = t.shape[0] if t.dim() else 0
+    if not isinstance(t, DTensor):
+        return LocalRows(0, rows, False, True)
+    placements = tuple(t.placements)
+    shard_dims = [d for d, p in enumerate(placements) if type(p) is Shard]
+    others = [p for p in placements if type(p) not in (Shard, Replicate)]
+    if others or len(shard_dims) > 1 or any(placements[d].dim != 0 for d in shard_dims):
+        raise CheckpointError(
+            f"tensor {name}: placements {placements} not supported (ckpt saves dim-0 shards: "
+            "Shard(0) on at most one mesh dimension, Replicate on the others)"
+        )
+    coord = t.device_mesh.get_coordinate()
+    if coord is None:  # this rank is not in the tensor's mesh: it holds nothing of it
+        return LocalRows(0, 0, bool(shard_dims), False)
+    writer = all(coord[d] == 0 for d, p in enumerate(placements) if type(p) is Replicate)
+    if not shard_dims:
+        return LocalRows(0, rows, False, writer)
+    d = shard_dims[0]
+    count = t.device_mesh.size(d)
+    begin, end = dim0_rows(rows, count, coord[d])
+    return LocalRows(begin, end, True, writer, coord[d], count)
 
 
 def fsync_dir(path: Path) -> None:

@@ -17,8 +17,10 @@ def restore_optimizer(
     optimizer,
     tensors: dict[str, tuple[torch.Tensor, bool]],
 ) -> None:
-    """Load ``optimizer`` from ``tensors`` (``optim/<param>/<key>`` → (tensor, is this rank's
-    dim-0 shard)) and the manifest's non-tensor state and parameter groups (by name)."""
+    """Load ``optimizer`` from ``tensors`` (``optim/<param>/<key>`` → (tensor, is it this rank's
+    piece of a tensor laid out like its DTensor parameter: its rows of a dim-0 shard on that
+    parameter's mesh, or all of a replicated one)) and the manifest's non-tensor state and
+    parameter groups (by name)."""
     params = dict(model.named_parameters())
     names = {id(p): n for n, p in params.items()}
     order = [n for g in manifest["optimizer"]["param_groups"] for n in g["params"]]

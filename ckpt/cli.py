@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from rich import box
 from rich.table import Table
 
-from fsdpkit import FsdpkitError
-from fsdpkit._console import run_command, stdout_console
-from fsdpkit.units import format_bytes
+from kitcore import FsdpkitError
+from kitcore.console import run_command, stdout_console
+from kitcore.units import format_bytes
 
 from ._cli_formats import add_format_commands
 from .verify import inspect, verify

@@ -30,9 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-from ._dcp_meta import load_metadata, read_item
+from ._dcp_meta import is_tensor_meta, load_metadata, read_item
 from ._format import ST_DTYPES, CheckpointError
 
 __all__ = ["DCP_FORMAT", "METADATA", "is_dcp", "read_dcp_manifest"]
@@ -159,7 +157,7 @@ def _values(md, paths, storage, files: _Files, oroot: tuple | None) -> tuple[dic
     state: dict[str, dict[str, Any]] = {}
     n = len(oroot or ())
     for fqn, meta in md.state_dict_metadata.items():
-        if isinstance(meta, TensorStorageMetadata):
+        if is_tensor_meta(meta):
             continue
         if (fqn, None) not in storage:
             raise CheckpointError(f"{files.root / METADATA}: {fqn}: no storage entry")
@@ -217,14 +215,13 @@ def read_dcp_manifest(path: str | Path, *, need_optimizer: bool = False) -> dict
             raise CheckpointError(f"{root}: {problem}")
         n = len(oroot or ())
         in_optim = {k for k, p in paths.items() if oroot is not None and p[:n] == oroot}
-        model = Counter(p[:-1] for k, p in paths.items()
-                        if k not in in_optim and isinstance(md.state_dict_metadata[k],
-                                                            TensorStorageMetadata))  # fmt: skip
+        tensor_keys = {k for k in paths if is_tensor_meta(md.state_dict_metadata[k])}
+        model = Counter(p[:-1] for k, p in paths.items() if k not in in_optim and k in tensor_keys)
         model_root = model.most_common(1)[0][0] if model else None
         params = {name for g in optimizer.get("param_groups", []) for name in g["params"]}
         tensors: dict[str, dict[str, Any]] = {}
         for fqn, meta in md.state_dict_metadata.items():
-            if not isinstance(meta, TensorStorageMetadata):
+            if not is_tensor_meta(meta):
                 continue
             p = paths[fqn]
             if fqn in in_optim and not problem and len(p) == n + 3 and p[n] == "state":

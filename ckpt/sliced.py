@@ -25,17 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ._format import (
     ST_DTYPES,
+    TORCH_DTYPES,
     CheckpointError,
     crc32_combine,
     crc32_of_range,
-    dim0_rows,
     fsync_dir,
+    local_rows,
     safetensors_header,
 )
 from ._optim import restore_optimizer
@@ -45,9 +45,6 @@ from .verify import MANIFEST, SLICED_FORMAT, read_manifest, read_sliced_manifest
 __all__ = ["SLICED_FORMAT", "load_sliced", "reslice", "unit_of"]
 
 _JOURNAL = "done.jsonl"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float64": torch.float64, "int64": torch.int64, "int32": torch.int32,
-           "uint8": torch.uint8, "bool": torch.bool}  # fmt: skip
 _NUMBERED = re.compile(r"^(.*?\.\d+)(\.|$)")
 # Bytes a thread reads, checksums and writes at a time: small enough to stay in a core's L2
 # cache (≥ 512 KiB on current server CPUs) between the three (2 to 8 MiB chunks made reslice
@@ -268,6 +265,7 @@ def reslice(
         "source_world_size": manifest["world_size"],
         "step": manifest["step"],
         "extra": manifest.get("extra", {}),
+        **({"model": manifest["model"]} if "model" in manifest else {}),
         "optimizer": manifest["optimizer"] if with_optimizer else {},
         "units": list(units),
         "files": {done[u]["file"]: {"unit": u, "bytes": done[u]["bytes"]} for u in units},
@@ -294,9 +292,11 @@ def reslice(
 
 
 def _tensor(data: bytes, dtype: str) -> torch.Tensor:
+    if dtype not in TORCH_DTYPES:  # the manifest was checked; a slice file may still lie
+        raise CheckpointError(f"slice dtype {dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
     if not data:
-        return torch.empty(0, dtype=_DTYPES[dtype])
-    return torch.frombuffer(bytearray(data), dtype=_DTYPES[dtype])
+        return torch.empty(0, dtype=TORCH_DTYPES[dtype])
+    return torch.frombuffer(bytearray(data), dtype=TORCH_DTYPES[dtype])
 
 
 def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str, Any]:
@@ -304,11 +304,12 @@ def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str,
 
     Each rank reads only its own rows' byte range of each sharded tensor (and whole
     replicated ones), checks their CRC-32 when it reads a whole tensor, and returns the
-    manifest with ``bytes_read`` on this rank.
+    manifest with ``bytes_read`` on this rank. Its rows come from the model's own layout
+    (``_format.local_rows``): the ``Shard(0)`` mesh dimension of each DTensor, whatever its
+    mesh (FSDP2 over the world or part of it, HSDP's replicate × shard).
     """
     path = Path(path)
     manifest = read_sliced_manifest(path)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     targets: dict[str, torch.Tensor] = {f"param/{n}": p for n, p in model.named_parameters()}
     targets |= {f"buffer/{n}": b for n, b in model.named_buffers()}
     missing = [n for n in targets if n not in manifest["tensors"]]
@@ -316,7 +317,7 @@ def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str,
         raise CheckpointError(f"{path}: no tensor {missing[0]} in the slices (another model?)")
     bytes_read = 0
     loaded: dict[str, torch.Tensor] = {}  # optimizer state, by tensor name
-    rows_only: set[str] = set()  # tensors read as this rank's rows of a dim-0 shard
+    rows_only: set[str] = set()  # tensors read as this rank's piece of a DTensor
     for name, meta in manifest["tensors"].items():  # unit files in order: one unit at a time
         if meta["kind"] == "optim" and optimizer is None:
             continue  # no optimizer to restore: do not read its state
@@ -328,18 +329,22 @@ def load_sliced(path: str | Path, model: nn.Module, optimizer=None) -> dict[str,
         like = dst if dst is not None else dict(model.named_parameters()).get(
             name.removeprefix("optim/").rsplit("/", 1)[0])  # fmt: skip
         begin, end = meta["offsets"]
-        if isinstance(like, DTensor) and meta["shape"] and list(like.shape) == meta["shape"]:
-            rows = meta["shape"][0]
-            lo, hi = dim0_rows(rows, world, rank)
-            row_bytes = (end - begin) // rows if rows else 0
-            data = _read_rows(f, begin, row_bytes, (lo, hi))
-            local = _tensor(data, meta["dtype"]).view([hi - lo, *meta["shape"][1:]])
-            rows_only.add(name)
+        # laid out like a DTensor of the model: this rank reads its rows, by that layout
+        as_local = isinstance(like, DTensor) and bool(meta["shape"]) and (
+            list(like.shape) == meta["shape"])  # fmt: skip
+        rows = local_rows(like, name) if as_local else None
+        n = meta["shape"][0] if meta["shape"] else 0
+        if rows is not None and (rows.begin, rows.end) != (0, n):  # part of it
+            row_bytes = (end - begin) // n if n else 0
+            data = _read_rows(f, begin, row_bytes, (rows.begin, rows.end))
+            local = _tensor(data, meta["dtype"]).view([rows.end - rows.begin, *meta["shape"][1:]])
         else:
             if crc32_of_range(f, begin, end) != meta["crc32"]:
                 raise CheckpointError(f"{f}: tensor {name}: checksum mismatch (corrupt)")
             data = _read_rows(f, begin, end - begin, (0, 1)) if end > begin else b""
             local = _tensor(data, meta["dtype"]).view(meta["shape"])
+        if as_local:
+            rows_only.add(name)
         bytes_read += len(data)
         if dst is not None:
             with torch.no_grad():

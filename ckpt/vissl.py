@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fsdpkit import FsdpkitError, get_model_spec
+from kitcore import FsdpkitError, get_model_spec
 
 from ._format import CheckpointError, write_safetensors
 from .export import _staged, _write_json

@@ -23,9 +23,8 @@ restored while it runs): plain ``torch.utils.checkpoint`` updates them twice per
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -34,17 +33,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.checkpoint import _checkpoint_without_reentrant_generator
 
-from .errors import FsdpkitError
+from kitcore.errors import FsdpkitError
+
+from ._torch_private import check_checkpoint_region, checkpoint_region
 
 __all__ = ["CheckpointPlan", "apply_ac", "remove_ac"]
 
 _HANDLES = "_fsdpkit_ac_handles"
-# torch >= 2.7 added ``early_stop`` before *args; pass it only where it exists.
-_HAS_EARLY_STOP = (
-    "early_stop" in inspect.signature(_checkpoint_without_reentrant_generator).parameters
-)
 
 
 class CheckpointPlan(Protocol):
@@ -52,10 +48,6 @@ class CheckpointPlan(Protocol):
 
     units: Sequence[str]
     segments: Sequence[tuple[int, int, bool]]
-
-
-def _contexts():
-    return nullcontext(), nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +101,9 @@ class _Segment:
         if self.recomputing or not torch.is_grad_enabled():
             return
         self.calls = []  # one list per forward: gradient accumulation runs several
-        fn = partial(self.recompute, self.calls)
-        head = (fn, True, _contexts, "default", False)
-        self.gen = _checkpoint_without_reentrant_generator(
-            *head, *((True,) if _HAS_EARLY_STOP else ()), *args, **kwargs
-        )
+        # What torch.utils.checkpoint.checkpoint(use_reentrant=False) does around one call,
+        # here around the units' calls by the model (why no public API: _torch_private).
+        self.gen = checkpoint_region(partial(self.recompute, self.calls), *args, **kwargs)
         next(self.gen)
 
     def record_output(self, _module: nn.Module, _args: tuple, out: Any) -> None:
@@ -194,6 +184,8 @@ def apply_ac(model: nn.Module, plan: CheckpointPlan) -> int:
     if getattr(model, _HANDLES, None):
         raise FsdpkitError("the model is already checkpointed; call remove_ac first")
     modules = _resolve(model, plan)
+    if any(ckpt for _, _, ckpt in plan.segments):
+        check_checkpoint_region()  # fail here, not in the first forward, if torch changed it
     handles = []
     regions = 0
     for s, e, ckpt in plan.segments:

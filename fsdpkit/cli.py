@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 from rich import box
@@ -17,12 +18,15 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ._cli_plan import add_parsers as add_plan_parsers
-from ._console import run_command, stdout_console
-from .registry import available_models, get_model_spec
+from kitcore.console import run_command, stdout_console
+from kitcore.registry import available_models, get_model_spec
+
 from .summary import ModelSummary, summarize_model
 
-__all__ = ["main"]
+__all__ = ["COMMANDS_GROUP", "main"]
+
+# Entry-point group of functions ``add_parsers(subparsers)`` adding `fsdpkit` subcommands.
+COMMANDS_GROUP = "fsdpkit.commands"
 
 
 def _human(n: float) -> str:
@@ -115,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_models)
-    add_plan_parsers(sub)
+    # Commands of other packages (the planner's `plan` and `profile`) come through an entry
+    # point group, so the wrapper never imports the planner: the planner sits below it.
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
 
 

@@ -13,7 +13,8 @@ Bytes are the tensor payload of the call on this rank (the output buffer for all
 input for reduce-scatters, the tensor for all-reduce/broadcast), not what the network carries.
 
 ``exposed_s`` is communication time the calling thread could not hide: the time spent issuing
-collectives plus the time blocked waiting for them (``Work.wait`` and functional
+collectives plus the time blocked waiting for them (``Work.wait``, timed through
+:func:`._torch_private.time_work_waits` as no public hook sees it, and functional
 ``wait_tensor``). Collectives that complete while the thread computes (prefetched all-gathers)
 cost nothing here.
 """
@@ -22,12 +23,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from contextlib import ExitStack
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from ._torch_private import time_work_waits
 
 __all__ = ["CommCounter"]
 
@@ -74,25 +77,26 @@ class CommCounter(TorchDispatchMode):
         self.bytes: Counter[str] = Counter()
         self.calls: list[tuple[str, str, int, int]] = []
         self.exposed_s = 0.0
-        self._wait = None
+        self._waits: ExitStack | None = None
+
+    def _add_wait(self, seconds: float) -> None:
+        self.exposed_s += seconds
 
     def __enter__(self):
         # Work.wait is where a thread blocks on an asynchronous collective: time it.
-        self._wait = original = dist.Work.wait
-
-        def timed_wait(work, *args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return original(work, *args, **kwargs)
-            finally:
-                self.exposed_s += time.perf_counter() - t0
-
-        dist.Work.wait = timed_wait
-        return super().__enter__()
+        self._waits = ExitStack()
+        self._waits.enter_context(time_work_waits(self._add_wait))
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._waits.close()
+            raise
 
     def __exit__(self, *exc):
-        dist.Work.wait = self._wait
-        return super().__exit__(*exc)
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._waits.close()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         timed = func.namespace in _NAMESPACES

@@ -21,89 +21,28 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.autograd import Variable
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from kitcore import DTYPES, FsdpkitError, FSDPPolicy
+
+from ._torch_private import queue_end_of_backward
 from .ac import CheckpointPlan, apply_ac
-from .errors import FsdpkitError
 from .syncbn import convert_sync_batchnorm
 
-__all__ = ["DTYPES", "FSDPPolicy", "apply_fsdp", "parallelize", "set_prefetch"]
+__all__ = ["apply_fsdp", "parallelize", "set_prefetch"]
 
-# fp64 is for reference runs: tests compare sharded training with one process in float64, where
-# reduction order changes results only at round-off (~1e-16), not at FP32's ~1e-7.
-DTYPES = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "fp64": torch.float64,
-}
 # fully_shard(ignored_params=...) arrived in torch 2.7; replicated BatchNorm needs it.
 _CAN_IGNORE = "ignored_params" in inspect.signature(fully_shard).parameters
 
 
 def _bn_mode(policy: FSDPPolicy) -> str:
-    if policy.batchnorm == "auto":
-        # FP16 needs GradScaler, whose unscale refuses a mix of DTensor and plain gradients.
-        return "replicate" if _CAN_IGNORE and policy.param_dtype != "fp16" else "units"
-    return policy.batchnorm
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FSDPPolicy:
-    """How :func:`apply_fsdp` shards a model.
-
-    param_dtype: dtype units are all-gathered and computed in (``fp16``, ``bf16``, ``fp32``;
-        ``fp64`` for numerical reference runs of a float64 model). With ``fp16``, scale the
-        loss with ``torch.amp.GradScaler``.
-    reduce_dtype: dtype gradients are reduce-scattered in (FP32 by default).
-    fp32_modules: qualified names of submodules kept entirely in FP32 (SEER: ``head``,
-        ``prototypes``); BatchNorm is always FP32 (FP64 when ``param_dtype`` is ``fp64``).
-    prefetch: units all-gathered ahead, in forward and in backward (0: none).
-    reshard_after_forward: free un-sharded parameters after each unit's forward (re-gathered
-        in backward); False keeps them, trading memory for one all-gather per unit.
-    sync_bn_group_size: ranks per SyncBatchNorm group (None or 0: all; 1: local BatchNorm;
-        -1: no synchronisation: BatchNorm modules are left as they are in FP32/FP64 and made
-        local SyncBatchNorm in FP16/BF16, for FP32 statistics on the low-precision input).
-    batchnorm: ``"replicate"``: BatchNorm parameters stay whole on every rank in FP32 and
-        their gradients are averaged by one bucketed all-reduce at the end of backward (one
-        collective per step for all of them; needs ``fully_shard(ignored_params=...)``, torch
-        >= 2.7); ``"units"``: every BatchNorm is its own FP32 FSDP unit (an all-gather and a
-        reduce-scatter of its 2·C parameters per step); ``"auto"`` (default): ``replicate``
-        where torch supports it and the dtype is not FP16 (``GradScaler`` needs every
-        gradient sharded), else ``units``. Measured on tiny (bench/bench_fsdp.py):
-        replicate moves fewer bytes in 56 fewer collectives per step, 0.69× the step time.
-    """
-
-    param_dtype: str = "fp32"
-    reduce_dtype: str = "fp32"
-    fp32_modules: tuple[str, ...] = field(default=())
-    prefetch: int = 1
-    reshard_after_forward: bool = True
-    sync_bn_group_size: int | None = None
-    batchnorm: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.batchnorm not in ("auto", "units", "replicate"):
-            raise FsdpkitError(f"FSDPPolicy.batchnorm must be 'auto', 'units' or 'replicate', got "
-                               f"{self.batchnorm!r}")  # fmt: skip
-        for name in ("param_dtype", "reduce_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise FsdpkitError(f"FSDPPolicy.{name} must be one of {', '.join(DTYPES)}")
-        if self.batchnorm == "replicate" and self.param_dtype == "fp16":
-            raise FsdpkitError(
-                "FSDPPolicy(batchnorm='replicate') cannot train in fp16: GradScaler refuses "
-                "a mix of sharded and replicated gradients; use batchnorm='units' or 'auto'"
-            )
-        if self.prefetch < 0:
-            raise FsdpkitError(f"FSDPPolicy.prefetch must be >= 0, got {self.prefetch}")
+    return policy.resolved_batchnorm()
 
 
 def _mp(
@@ -175,7 +114,8 @@ def apply_fsdp(
 
 def _average_grads_after_backward(modules: list[nn.Module], group) -> None:
     """Average the gradients of ``modules``' parameters over ``group`` with one all-reduce at
-    the end of each backward (queued from the first gradient accumulated, as DDP does).
+    the end of each backward (queued from the first gradient accumulated, as DDP does; no
+    public hook fires when a backward ends: see :mod:`._torch_private`).
 
     Hooks are (re)attached to the parameters each module holds at its forward, not to the
     objects present now: ``to_empty`` after sharding a meta-built model replaces these
@@ -199,7 +139,7 @@ def _average_grads_after_backward(modules: list[nn.Module], group) -> None:
     def on_grad(_p: torch.Tensor) -> None:
         if not queued[0]:
             queued[0] = True
-            Variable._execution_engine.queue_callback(all_reduce_bucket)
+            queue_end_of_backward(all_reduce_bucket)
 
     def attach(module: nn.Module, _args) -> None:
         for p in module.parameters():
@@ -238,6 +178,18 @@ def parallelize(
     policy = policy or FSDPPolicy()
     if plan is None and not units:
         raise FsdpkitError("parallelize needs a plan or the model's units")
+    check = getattr(plan, "check_setup", None)  # a planner.Plan records what it was made for
+    if callable(check):
+        if mesh is not None:
+            world = mesh.size(mesh.ndim - 1)  # the sharding dimension (HSDP: the last)
+        else:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+        check(
+            "plan", world_size=world, sharded=True, dtype=policy.param_dtype,
+            reduce_dtype=policy.reduce_dtype, prefetch=policy.prefetch,
+            reshard_after_forward=policy.reshard_after_forward,
+            batchnorm=policy.resolved_batchnorm(),
+        )  # fmt: skip
     # 1. SyncBatchNorm first: replacing modules after sharding would lose the sharded state.
     if policy.sync_bn_group_size != -1:
         convert_sync_batchnorm(model, policy.sync_bn_group_size)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .registry import ModelSpec
+from kitcore.registry import ModelSpec
 
 __all__ = ["ModelSummary", "count_forward_flops", "summarize_model"]
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import FsdpkitError
+from kitcore.errors import FsdpkitError
 
 __all__ = ["BatchNormFn", "SyncBatchNorm", "convert_sync_batchnorm"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fsdpkit import ModelSpec
+from kitcore import ModelSpec
 
 from .memory import MemoryConfig
 from .profile import ModelProfile, UnitProfile, profile_model

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._pytree import tree_leaves
 
-from fsdpkit import ModelSpec
-from fsdpkit.ac import apply_ac
+from kitcore import ModelSpec
 
+from ._wrapper import apply_checkpointing
 from .tracker import LiveMemory
 
 __all__ = ["MeasuredStep", "measure_step"]
@@ -32,12 +32,6 @@ class MeasuredStep:
     device: str
     timeline: list[tuple[float, int]]
     extra: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class _Segments:
-    units: tuple[str, ...]
-    segments: tuple[tuple[int, int, bool], ...]
 
 
 def _nvml_used_bytes(index: int) -> int | None:
@@ -84,8 +78,7 @@ def measure_step(
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = spec.build_model(dev).train()
-    names = tuple(n for n, _ in spec.named_units(model))
-    apply_ac(model, _Segments(names, tuple(tuple(s) for s in segments)))
+    apply_checkpointing(spec, model, segments)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=weight_decay)
     inputs = spec.example_input(batch_size, dev)
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
-from fsdpkit import FsdpkitError
+from kitcore import FsdpkitError
 
 from .profile import DTYPES, ModelProfile
 
@@ -63,6 +64,14 @@ class MemoryConfig:
     prefetch: units all-gathered ahead of the current one (forward and backward).
     overhead_bytes: fixed per-rank overhead (CUDA context, communication buffers, allocator
         slack), stated in the breakdown.
+    reshard_after_forward: (sharded) free each unit's un-sharded parameters after its forward;
+        False keeps every unit's gathered from its forward until its backward is done.
+    batchnorm: (sharded) ``"replicate"``: BatchNorm parameters whole on every rank in FP32,
+        with their gradients and optimizer state; ``"units"``: sharded like the rest, but each
+        BatchNorm's FP32 parameters stay gathered for the whole step (its units never reshard).
+
+    :meth:`from_policy` reads these from the :class:`fsdpkit.FSDPPolicy` the wrapper applies,
+    so the plan and the run cannot disagree.
     """
 
     world_size: int = 1
@@ -72,6 +81,39 @@ class MemoryConfig:
     reduce_dtype: str = "fp32"
     prefetch: int = 1
     overhead_bytes: int = 0
+    reshard_after_forward: bool = True
+    batchnorm: str = "replicate"
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: Any,
+        world_size: int,
+        *,
+        optimizer: str = "sgd",
+        weight_decay: bool = True,
+        overhead_bytes: int = 0,
+    ) -> MemoryConfig:
+        """The step ``fsdpkit.parallelize(..., policy=policy)`` runs on ``world_size`` ranks:
+        prefetch, reduce dtype, resharding and BatchNorm mode all come from ``policy`` (any
+        object with those attributes; ``batchnorm="auto"`` resolved as the wrapper does)."""
+        bn = policy.batchnorm
+        if bn == "auto":
+            resolve = getattr(policy, "resolved_batchnorm", None)
+            # the wrapper's rule: GradScaler (FP16) refuses replicated gradients beside DTensors
+            bn = resolve() if callable(resolve) else ("units" if policy.param_dtype == "fp16"
+                                                      else "replicate")  # fmt: skip
+        return cls(
+            world_size=world_size,
+            sharded=True,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            reduce_dtype=policy.reduce_dtype,
+            prefetch=policy.prefetch,
+            overhead_bytes=overhead_bytes,
+            reshard_after_forward=policy.reshard_after_forward,
+            batchnorm=bn,
+        )
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -82,6 +124,8 @@ class MemoryConfig:
             raise FsdpkitError(f"unknown reduce dtype {self.reduce_dtype!r}")
         if self.prefetch < 0 or self.overhead_bytes < 0:
             raise FsdpkitError("prefetch and overhead must be >= 0")
+        if self.batchnorm not in ("replicate", "units"):
+            raise FsdpkitError(f"batchnorm must be 'replicate' or 'units', got {self.batchnorm!r}")
 
 
 ACT = "activations kept (plain units)"
@@ -133,7 +177,9 @@ class _Statics:
         n = len(prof.units)
         state = OPTIMIZERS[cfg.optimizer]
         if cfg.sharded:
-            shard = math.ceil(prof.param_numel / cfg.world_size)
+            bn = prof.bn_param_numel
+            whole = bn if cfg.batchnorm == "replicate" else 0  # never sharded
+            shard = math.ceil((prof.param_numel - whole) / cfg.world_size)
             self.base = {
                 "parameters (sharded fp32)": 4 * shard,
                 # Held for the whole step, though they appear only in backward: this over-count
@@ -143,6 +189,12 @@ class _Statics:
                 "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
                 "fixed overhead": cfg.overhead_bytes,
             }
+            if whole:
+                self.base["BatchNorm parameters, gradients, state (replicated fp32)"] = (
+                    4 * (2 + state) * whole
+                )
+            elif bn:
+                self.base["BatchNorm parameters (gathered fp32, kept)"] = 4 * bn
             self._reduce_extra = 4 if cfg.reduce_dtype == "fp32" and prof.dtype != "fp32" else 0
         else:
             self.base = {
@@ -159,6 +211,8 @@ class _Statics:
         self._unit_numel = [u.param_numel for u in prof.units]
 
     def _gathered(self, first: int, last: int) -> int:
+        if not self.c.reshard_after_forward:
+            first = 0  # earlier units stay gathered until their backward
         lo, hi = max(first, 0), min(last, len(self._unit_params) - 1)
         return sum(self._unit_params[lo : hi + 1])
 

@@ -16,28 +16,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_leaves
 
-from fsdpkit import FsdpkitError, ModelSpec
-from fsdpkit.ac import apply_ac
+from kitcore import FsdpkitError, FSDPPolicy, ModelSpec
 
+from ._wrapper import apply_checkpointing, shard_like_training
 from .measure import training_step
 
 __all__ = ["fsdp_memtracker_peak", "memtracker_peak", "tracker_verifier"]
-
-
-@dataclass(frozen=True, slots=True)
-class _Chain:
-    units: tuple[str, ...]
-    segments: tuple[tuple[int, int, bool], ...]
-
-
-def _chain(spec: ModelSpec, model: torch.nn.Module, segments) -> _Chain:
-    names = tuple(n for n, _ in spec.named_units(model))
-    return _Chain(names, tuple((int(s), int(e), bool(c)) for s, e, c in segments))
 
 
 def _sgd(model: torch.nn.Module, weight_decay: float) -> torch.optim.Optimizer:
@@ -70,7 +58,7 @@ def memtracker_peak(
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         if fake:
             model.to_empty(device=dev)  # memory is what is measured; values do not matter
-        apply_ac(model, _chain(spec, model, segments))
+        apply_checkpointing(spec, model, segments)
         opt = _sgd(model, weight_decay)
         inputs = spec.example_input(batch_size, dev)
 
@@ -114,8 +102,6 @@ def fsdp_memtracker_peak(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from fsdpkit import FSDPPolicy, parallelize
-
     if dist.is_initialized():
         raise FsdpkitError("fsdp_memtracker_peak needs a process without a process group")
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
@@ -126,7 +112,7 @@ def fsdp_memtracker_peak(
             dev = torch.device("cpu")
             model.to_empty(device=dev)  # memory is what is measured; values do not matter
             policy = FSDPPolicy(param_dtype=dtype, prefetch=prefetch, sync_bn_group_size=-1)
-            parallelize(model, plan=_chain(spec, model, segments), mesh=mesh, policy=policy)
+            shard_like_training(spec, model, segments, mesh, policy)
             opt = _sgd(model, weight_decay)
             inputs = spec.example_input(batch_size, dev)
 

@@ -8,12 +8,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fsdpkit import FsdpkitError
+from kitcore import FsdpkitError
 
 from .memory import MemoryConfig, Segment, estimate
 from .profile import ModelProfile
 
 __all__ = ["Plan", "make_plan"]
+
+# MemoryConfig fields a plan records as part of its setup (besides its own top-level fields).
+_SETUP_KEYS = ("optimizer", "weight_decay", "reduce_dtype", "prefetch", "reshard_after_forward",
+               "batchnorm")  # fmt: skip
 
 # Keys that reports add around a plan (derived properties, and what ``fsdpkit plan --json``
 # prints beside it); reading a plan skips them, any other unknown key is an error.
@@ -63,6 +67,33 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
     verified_peak_bytes: int | None = None
     verify_time_s: float = 0.0
+    config: Mapping[str, Any] = field(default_factory=dict)
+
+    def setup(self) -> dict[str, Any]:
+        """The training setup this plan was made for: model, batch, world size, dtypes, the
+        FSDP policy's memory-relevant fields and the optimizer (what :meth:`check_setup`
+        compares). Plans written before the setup was recorded give what they have."""
+        return {
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "dtype": self.dtype,
+            "world_size": self.world_size,
+            "sharded": self.sharded,
+            **{k: self.config[k] for k in _SETUP_KEYS if k in self.config},
+        }
+
+    def check_setup(self, origin: str = "plan", **actual: Any) -> None:
+        """Raise :class:`FsdpkitError` with one line naming the first field of ``actual``
+        (e.g. ``world_size=2, dtype="fp32"``) that differs from the setup the plan was made
+        for, with both values. Fields the plan did not record are not checked."""
+        recorded = self.setup()
+        for key, value in actual.items():
+            if key in recorded and recorded[key] != value:
+                flag = "--" + key.replace("_", "-")
+                raise FsdpkitError(
+                    f"{origin} was made for {key} {recorded[key]!r}, this run has {value!r}: "
+                    f"make a plan for this setup (fsdpkit plan ... {flag} {value})"
+                )
 
     @property
     def fits(self) -> bool:
@@ -90,6 +121,7 @@ class Plan:
             kwargs["segments"] = tuple((int(s), int(e), bool(c)) for s, e, c in data["segments"])
             kwargs["activation_bytes"] = tuple(kwargs["activation_bytes"])
             kwargs["notes"] = tuple(kwargs.get("notes", ()))
+            kwargs["config"] = dict(kwargs.get("config", {}))
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as e:
             raise FsdpkitError(f"{origin}: not an fsdpkit plan ({type(e).__name__}: {e})") from None
@@ -146,4 +178,5 @@ def make_plan(
         notes=tuple(notes),
         verified_peak_bytes=verified_peak_bytes,
         verify_time_s=verify_time_s,
+        config=asdict(cfg),
     )

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from pathlib import Path
 
-from fsdpkit import FsdpkitError
+from kitcore import FsdpkitError
 
 __all__ = ["plot_timelines", "predicted_points"]
 

@@ -47,8 +47,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
-from fsdpkit import FsdpkitError, ModelSpec
-from fsdpkit.fsdp import DTYPES
+from kitcore import DTYPES, FsdpkitError, ModelSpec
 
 from .tracker import LiveMemory, storage_key, tensor_storages
 
@@ -93,7 +92,8 @@ class ModelProfile:
     ``step_flops``: forward + backward FLOPs of the step. ``measured_peak_bytes``: the peak
     of the profiled plain step itself (a self-check for the memory model). ``loss_bytes``:
     the loss tensor, alive through backward with its gradient (``torch.autograd.backward``
-    holds both until it returns).
+    holds both until it returns). ``bn_param_numel``: BatchNorm parameters (FP32 in every
+    mode; how FSDP places them is :class:`~planner.memory.MemoryConfig`'s ``batchnorm``).
     """
 
     model: str
@@ -120,6 +120,7 @@ class ModelProfile:
     profile_time_s: float = 0.0
     source: str = "profile"
     loss_bytes: int = 0
+    bn_param_numel: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -441,5 +442,8 @@ def profile_model(
         measured_peak_bytes=tracker.peak,
         profile_time_s=time.perf_counter() - t0,
         loss_bytes=plain.loss_bytes,
+        bn_param_numel=sum(
+            p.numel() for m in model.modules() if isinstance(m, _BN) for p in m.parameters()
+        ),
     )
     return prof

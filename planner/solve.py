@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 
-from fsdpkit import FsdpkitError
+from kitcore import FsdpkitError
 
 from .memory import (
     MemoryConfig,

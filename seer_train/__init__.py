@@ -26,7 +26,7 @@ _EXPORTS = {
     "TrainConfig": "train",
     "build": "train",
     "make_optimizer": "train",
-    "make_plan": "train",
+    "solve_plan": "train",
     "train_step": "train",
 }
 

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fsdpkit import FsdpkitError
-from fsdpkit._console import run_command, stdout_console
-from fsdpkit.units import format_bytes, parse_bytes
+from kitcore.console import run_command, stdout_console
+from kitcore.units import format_bytes, parse_bytes
 
 from .data import PHOTOMETRIC_PRESETS, DataError
 from .loss import SwAVLossConfig
@@ -91,7 +91,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         keep_last=a.keep_last, workers=a.workers, seed=a.seed, reslice=not a.no_reslice,
         photometric=PHOTOMETRIC_PRESETS[a.photometric], max_bad_steps=a.max_bad_steps,
         collective_timeout_s=a.collective_timeout or None,
-        save_every_minutes=a.save_every_minutes, async_save=a.async_save,
+        save_every_minutes=a.save_every_minutes, async_save=a.async_save, plan=a.plan,
     )  # fmt: skip
     if a.log_every < 0:
         raise FsdpkitError(f"--log-every must be >= 0 (0: automatic), got {a.log_every}")
@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N iterations")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--memory-budget", help="per-rank budget the plan must fit, e.g. 40GiB")
+    p.add_argument("--plan", metavar="FILE",
+                   help="train with a plan saved by `fsdpkit plan --save FILE` (checked "
+                        "against this run: model, batch, dtype, world size, policy)")  # fmt: skip
     p.add_argument("--prefetch", type=int, default=1)
     p.add_argument("--sync-bn-group", type=int, help="ranks per SyncBatchNorm group")
     p.add_argument("--lr", type=float, default=0.3, help="peak LR per 256 images")

@@ -23,11 +23,11 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckpt import load_sliced, read_sliced_manifest
-from fsdpkit import FsdpkitError, FSDPPolicy, parallelize
+from fsdpkit import FsdpkitError, FSDPPolicy, get_model_spec, parallelize
 
 from .data import LabelledImageFolder, SyntheticImages, eval_loader
 from .distributed import distributed
-from .models import PRESETS, build_swav_model, init_weights
+from .models import PRESETS, init_weights
 
 __all__ = [
     "LinearEvalConfig",
@@ -70,7 +70,9 @@ class LinearEvalResult:
 
 
 def _model_name(cfg: LinearEvalConfig) -> str:
-    recorded = read_sliced_manifest(cfg.ckpt).get("extra", {}).get("run", {}).get("model")
+    manifest = read_sliced_manifest(cfg.ckpt)
+    # the typed field; checkpoints from before it existed kept the name among pretrain's extras
+    recorded = manifest.get("model") or manifest.get("extra", {}).get("run", {}).get("model")
     name = cfg.model or recorded
     if name is None:
         raise FsdpkitError(f"{cfg.ckpt}: no model recorded in the checkpoint; pass --model")
@@ -186,12 +188,13 @@ def _accuracy(model, train, val, size, cfg, device, classes) -> tuple[float, int
 
 def _model(name: str, device, world: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
+    spec = get_model_spec(name)  # the one lookup: training and profiling build through it too
     if world == 1:
-        return build_swav_model(PRESETS[name], device)
-    model = build_swav_model(PRESETS[name], "meta")
+        return spec.build_model(device)
+    model = spec.build_model("meta")
     # Sharded like training (no checkpointing: no backward here), BatchNorm left local.
     policy = FSDPPolicy(sync_bn_group_size=-1, batchnorm="units")
-    parallelize(model, units=list(model.trunk.units), policy=policy)
+    parallelize(model, units=[m for _, m in spec.named_units(model)], policy=policy)
     model.to_empty(device=device)
     init_weights(model)
     return model

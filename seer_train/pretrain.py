@@ -34,10 +34,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
-from ckpt import latest_checkpoint, load_sharded, reslice
+from ckpt import latest_checkpoint, list_checkpoints, load_sharded, reslice
 from ckpt.sharded import save_sharded, wait_for_saves
 from fsdpkit import FsdpkitError
-from planner import LiveMemory
+from planner import LiveMemory, Plan
 
 from .data import (
     ImageFolder,
@@ -49,7 +49,7 @@ from .data import (
 )
 from .distributed import Preemption, Watchdog, distributed
 from .schedule import SEERSchedule
-from .train import TrainConfig, build, make_optimizer, make_plan, train_step
+from .train import TrainConfig, build, check_plan, make_optimizer, solve_plan, train_step
 
 __all__ = ["PretrainConfig", "PretrainResult", "open_dataset", "pretrain"]
 
@@ -71,7 +71,9 @@ class PretrainConfig:
     seconds without progress on some rank before the job fails naming it (None: never);
     save_every_minutes: also checkpoint when this much time passed since the last save
     (rank 0's clock decides, every rank agrees); async_save: write checkpoints in the
-    background (``save_sharded(blocking=False)``).
+    background (``save_sharded(blocking=False)``); plan: a plan saved by ``fsdpkit plan
+    --save`` (checked against this run's setup) instead of solving one; a resumed run uses
+    its own ``out/plan.json``.
     """
 
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -90,6 +92,7 @@ class PretrainConfig:
     collective_timeout_s: float | None = 300.0
     save_every_minutes: float | None = None
     async_save: bool = False
+    plan: str | None = None
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.save_every < 1:
@@ -183,6 +186,31 @@ def _resume(ckpts: Path, model, optimizer, scaler, cfg: PretrainConfig) -> int:
     return manifest["step"]
 
 
+def _the_plan(cfg: PretrainConfig, rank: int, world_size: int, resuming: bool) -> Plan:
+    """The checkpoint plan every rank builds with: ``cfg.plan`` if given; when resuming, the
+    run's own ``plan.json``; else rank 0 solves and broadcasts it (so ranks cannot disagree,
+    and only one profiles). Checked against this run's setup (one-line error)."""
+    own = Path(cfg.out) / "plan.json"
+    path = cfg.plan or (str(own) if resuming and own.exists() else None)
+    if path is not None:
+        plan = Plan.load(path)
+    else:
+        box: list[Any] = [None]
+        if rank == 0:
+            try:
+                box[0] = json.dumps(solve_plan(cfg.train, world_size).to_json())
+            except FsdpkitError as e:  # every rank must leave the broadcast with the error
+                box[0] = e
+        if world_size > 1:
+            dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], FsdpkitError):
+            raise box[0]
+        plan = Plan.from_json(json.loads(box[0]))
+        path = "the plan rank 0 solved"
+    check_plan(plan, cfg.train, world_size, origin=path)
+    return plan
+
+
 def pretrain(
     cfg: PretrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None
 ) -> PretrainResult:
@@ -197,7 +225,7 @@ def pretrain(
     with distributed() as ctx:
         out = Path(cfg.out)
         ckpts = out / "checkpoints"
-        plan = make_plan(tc, ctx.world_size)
+        plan = _the_plan(cfg, ctx.rank, ctx.world_size, resuming=bool(list_checkpoints(ckpts)))
         if ctx.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             plan.save(out / "plan.json")
@@ -292,7 +320,7 @@ def pretrain(
                     save_sharded(
                         ckpts / f"step_{step + 1:08d}", model, optimizer, step=step + 1,
                         extra=extra, keep_last=cfg.keep_last, units=list(plan.units),
-                        blocking=not cfg.async_save or last,
+                        blocking=not cfg.async_save or last, model_name=tc.model,
                     )  # fmt: skip
                     saved_at, last_save = step + 1, time.monotonic()
                 if stopped == "sigterm":

@@ -30,7 +30,7 @@ from fsdpkit import LARC, FsdpkitError, FSDPPolicy, get_model_spec, parallelize
 from planner import MemoryConfig, Plan, plan_checkpoints, profile_model
 
 from .loss import SwAVLossConfig, swav_loss
-from .models import PRESETS, SEERPreset, build_swav_model, init_weights
+from .models import PRESETS, SEERPreset, init_weights
 
 __all__ = ["TrainConfig", "build", "make_optimizer", "normalize_prototypes", "train_step"]
 
@@ -84,13 +84,19 @@ class TrainConfig:
         return PRESETS[self.model]
 
 
-def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
+def memory_config(cfg: TrainConfig, world_size: int) -> MemoryConfig:
+    """The step :func:`build` runs, as the planner models it: read from the same
+    :class:`FSDPPolicy` that :func:`build` applies (SGD with weight decay, inside LARC)."""
+    return MemoryConfig.from_policy(_policy(cfg, world_size), world_size, optimizer="sgd")
+
+
+def solve_plan(cfg: TrainConfig, world_size: int) -> Plan:
     """Checkpoint plan for ``cfg`` on ``world_size`` FSDP ranks (symbolic: runs on meta).
 
     Without a memory budget the plan checkpoints nothing (the budget is unbounded).
     """
     profile = profile_model(get_model_spec(cfg.model), cfg.batch_size, dtype=cfg.dtype)
-    mem = MemoryConfig(world_size=world_size, sharded=True, prefetch=cfg.prefetch)
+    mem = memory_config(cfg, world_size)
     budget = cfg.memory_budget if cfg.memory_budget is not None else 2**62
     plan = plan_checkpoints(profile, budget, mem, objective=cfg.objective)
     if cfg.memory_budget is not None and not plan.fits:
@@ -100,6 +106,19 @@ def make_plan(cfg: TrainConfig, world_size: int) -> Plan:
             f"{cfg.memory_budget / 2**30:.2f} GiB: lower the batch or add ranks"
         )
     return plan
+
+
+def check_plan(plan: Plan, cfg: TrainConfig, world_size: int, origin: str = "plan") -> None:
+    """Refuse, with one line naming the field and both values, a plan made for another
+    setup than ``cfg`` on ``world_size`` ranks (model, batch, dtype, world size, the FSDP
+    policy's memory-relevant fields, the optimizer)."""
+    mem = memory_config(cfg, world_size)
+    plan.check_setup(
+        origin, model=cfg.model, world_size=world_size, batch_size=cfg.batch_size,
+        dtype=cfg.dtype, sharded=True,
+        **{k: getattr(mem, k) for k in ("optimizer", "weight_decay", "reduce_dtype", "prefetch",
+                                        "reshard_after_forward", "batchnorm")},
+    )  # fmt: skip
 
 
 def _policy(cfg: TrainConfig, world_size: int) -> FSDPPolicy:
@@ -123,7 +142,7 @@ def build(
     """
     world = torch.distributed.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
-    model = build_swav_model(cfg.preset, "meta")  # no storage yet
+    model = get_model_spec(cfg.model).build_model("meta")  # no storage yet
     # Checkpointing inside every unit, then sharding bottom-up, then prefetch (fsdpkit.fsdp).
     parallelize(model, plan=plan, mesh=mesh, policy=_policy(cfg, world))
     model.to_empty(device=device)  # this rank's shards only

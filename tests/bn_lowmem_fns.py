@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fsdpkit import FSDPPolicy, get_model_spec, parallelize, syncbn
-from fsdpkit.fsdp import DTYPES
 from fsdpkit.syncbn import BatchNormFn
+from kitcore import DTYPES
 
 EPS = 1e-5
 KEYS = ("out", "dx", "dw", "db", "running_mean", "running_var")

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from fsdpkit import CommCounter, FSDPPolicy, get_model_spec, parallelize
-from fsdpkit.fsdp import DTYPES
+from kitcore import DTYPES
 
 B_LOCAL = 2  # images per rank
 
@@ -226,8 +226,9 @@ def vit_profile_plan_train(steps=3):
 
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = get_model_spec("toy_models:vit_spec")
-    prof = profile_model(spec, 4)
-    cfg = MemoryConfig(world_size=world, sharded=True)
+    policy = FSDPPolicy(**FP64)  # the plan is made for the setup it runs in (checked)
+    prof = profile_model(spec, 4, dtype="fp64")
+    cfg = MemoryConfig.from_policy(policy, world)
     n = len(prof.units)
     budget = estimate(prof, [(0, n, False)], cfg).peak_bytes - 1  # force some checkpointing
     plan = plan_checkpoints(prof, budget, cfg)
@@ -235,7 +236,7 @@ def vit_profile_plan_train(steps=3):
     ref = spec.build_model("cpu").double()
     model = spec.build_model("cpu").double()
     model.load_state_dict(ref.state_dict())
-    parallelize(model, plan=plan, policy=FSDPPolicy(**FP64))
+    parallelize(model, plan=plan, policy=policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(5)

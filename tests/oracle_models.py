@@ -142,7 +142,7 @@ HF_SPECS = {
 
 
 # Plain nn.Module factories (no ModelSpec): ``--model oracle_models:convnext_module --input
-# 3x32x32``; the unit chain is found by fsdpkit.registry.discover_units.
+# 3x32x32``; the unit chain is found by kitcore.registry.discover_units.
 def regnet_module() -> nn.Module:
     return regnet_small().build(torch.get_default_device())
 

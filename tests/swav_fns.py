@@ -18,10 +18,10 @@ def sinkhorn_on_my_rows(scores: torch.Tensor, splits: list[int]) -> torch.Tensor
 
 def one_step_all_gathers(crop_sizes: tuple[int, ...]) -> int:
     """FSDP all-gathers in one SwAV train step of ``tiny`` with crops of ``crop_sizes``."""
-    from seer_train.train import TrainConfig, build, make_optimizer, make_plan, train_step
+    from seer_train.train import TrainConfig, build, make_optimizer, solve_plan, train_step
 
     cfg = TrainConfig(model="tiny", batch_size=2)
-    model, _ = build(cfg, make_plan(cfg, dist.get_world_size()), torch.device("cpu"))
+    model, _ = build(cfg, solve_plan(cfg, dist.get_world_size()), torch.device("cpu"))
     opt = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(dist.get_rank())

@@ -17,8 +17,8 @@ from ckpt._cli_formats import add_format_commands
 from ckpt._format import read_header
 from ckpt.export import HF_INDEX, export_hf
 from fsdpkit import get_model_spec
-from fsdpkit._console import run_command
 from fsdpkit.testing import run_distributed
+from kitcore.console import run_command
 
 try:  # transformers 5 moved it out of modeling_utils
     from transformers.trainer_utils import load_sharded_checkpoint

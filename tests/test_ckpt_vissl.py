@@ -12,7 +12,7 @@ from vissl_fns import VisslSwAV, randomize, save_consolidated, save_sliced, viss
 from ckpt import CheckpointError, load_sliced, verify
 from ckpt._cli_formats import add_format_commands
 from ckpt.vissl import import_vissl, map_vissl_keys, vissl_slice_file
-from fsdpkit._console import run_command
+from kitcore.console import run_command
 from seer_train.models import PRESETS, build_swav_model
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fsdpkit.cli import main
-from fsdpkit.units import format_bytes, parse_bytes
+from kitcore.units import format_bytes, parse_bytes
 
 TESTS = Path(__file__).parent
 REQUIRED = {

@@ -63,7 +63,8 @@ def _plans(prof):
 
 @pytest.mark.parametrize(
     ("name", "batch"),
-    [("tiny", 4), ("tiny", 16), ("rg8gf", 1), ("rg8gf", 2), ("toy_models:vit_spec", 8)],
+    # rg8gf at batch 1 only: batch 2 adds a minute of CPU and no other shape
+    [("tiny", 4), ("tiny", 16), ("rg8gf", 1), ("toy_models:vit_spec", 8)],
 )
 def test_predicted_peak_covers_a_real_cpu_step_within_3_percent(name, batch):
     spec = get_model_spec(name)

@@ -19,7 +19,7 @@ from fsdpkit import FsdpkitError
 from fsdpkit.testing import run_distributed
 from seer_train.cli import main
 from seer_train.distributed import distributed
-from seer_train.train import TrainConfig, build, make_optimizer, make_plan, train_step
+from seer_train.train import TrainConfig, build, make_optimizer, solve_plan, train_step
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -59,7 +59,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path):
 def test_prototypes_frozen_then_trained_and_kept_on_the_sphere():
     cfg = TrainConfig(model="tiny", batch_size=4, freeze_prototypes_iters=1)
     with distributed() as ctx:
-        model, _ = build(cfg, make_plan(cfg, 1), ctx.device)
+        model, _ = build(cfg, solve_plan(cfg, 1), ctx.device)
         opt = make_optimizer(model, cfg)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         crops = [torch.randn(4, 3, s, s) for s in cfg.preset.crop_sizes]

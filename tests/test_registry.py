@@ -5,7 +5,7 @@ from importlib.metadata import EntryPoint
 import pytest
 import torch
 
-import fsdpkit.registry
+import kitcore.registry
 from fsdpkit import (
     ModelNotFoundError,
     ModelSpec,
@@ -97,8 +97,8 @@ def test_spec_is_frozen_and_validated():
 
 
 def _fake_entry_points(monkeypatch, *pairs):
-    eps = [EntryPoint(name=n, value=v, group=fsdpkit.registry.ENTRY_POINT_GROUP) for n, v in pairs]
-    monkeypatch.setattr(fsdpkit.registry, "entry_points", lambda group: eps)
+    eps = [EntryPoint(name=n, value=v, group=kitcore.registry.ENTRY_POINT_GROUP) for n, v in pairs]
+    monkeypatch.setattr(kitcore.registry, "entry_points", lambda group: eps)
 
 
 def test_entry_point_problems_are_reported_not_hidden(monkeypatch):

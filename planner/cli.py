@@ -9,11 +9,14 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from ._console import stdout_console
-from .errors import FsdpkitError
-from .registry import get_model_spec
-from .units import format_bytes as fb
-from .units import parse_bytes
+from kitcore import FsdpkitError, FSDPPolicy, get_model_spec, parse_bytes, stdout_console
+from kitcore import format_bytes as fb
+
+from .advise import largest_batch
+from .memory import OPTIMIZERS, MemoryConfig, estimate
+from .plot import plot_timelines, predicted_points
+from .profile import DTYPES, ModelProfile, profile_model
+from .solve import OBJECTIVES, plan_checkpoints, world_size_needed
 
 DEFAULT_GPU_MEM = 40 * 2**30
 
@@ -41,7 +44,6 @@ def _budget(args: argparse.Namespace) -> tuple[int, str]:
 
 
 def _profile(args: argparse.Namespace, device: str = "meta"):
-    from planner import ModelProfile, profile_model
 
     if getattr(args, "profile", None):
         if args.model:
@@ -71,14 +73,18 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def _config(args: argparse.Namespace, sharded: bool, overhead: bool = True):
-    from planner import MemoryConfig
+    """The step the plan is for: with FSDP, read from the FSDPPolicy these flags make (the
+    object training applies), so plan and run share one description."""
 
-    return MemoryConfig(
-        world_size=args.world_size if sharded else 1,
-        sharded=sharded,
-        optimizer=args.optimizer,
-        prefetch=args.prefetch,
-        overhead_bytes=parse_bytes(args.overhead, "--overhead") if overhead else 0,
+    extra = parse_bytes(args.overhead, "--overhead") if overhead else 0
+    if not sharded:
+        return MemoryConfig(optimizer=args.optimizer, overhead_bytes=extra)
+    policy = FSDPPolicy(
+        param_dtype=args.dtype, reduce_dtype=args.reduce_dtype, prefetch=args.prefetch,
+        reshard_after_forward=not args.no_reshard_after_forward, batchnorm=args.batchnorm,
+    )  # fmt: skip
+    return MemoryConfig.from_policy(
+        policy, args.world_size, optimizer=args.optimizer, overhead_bytes=extra
     )
 
 
@@ -110,16 +116,14 @@ def _breakdown_table(plan) -> Table:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from planner import estimate, plan_checkpoints
-    from planner.advise import largest_batch
-    from planner.solve import world_size_needed
-
     budget, budget_source = _budget(args)
     spec, prof = _profile(args)
+    if prof.dtype in DTYPES:  # a saved profile was made in its own precision: plan for that
+        args.dtype = prof.dtype
     cfg = _config(args, sharded=not args.no_fsdp)
     verify, tracker = None, None
     if args.verify:
-        from planner.oracle import tracker_verifier
+        from .oracle import tracker_verifier  # the trackers run the wrapper, lazily
 
         if spec is None:
             raise FsdpkitError("--verify runs the model: give --model, not --profile")
@@ -141,8 +145,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.save:
         plan.save(args.save)
     if args.plot:
-        from planner.plot import plot_timelines, predicted_points
-
         n = len(prof.units)
         plot_timelines(
             args.plot,
@@ -190,7 +192,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from planner import estimate, measure_step, plan_checkpoints
+    from .measure import measure_step  # runs the step: the wrapper's checkpointing, lazily
 
     spec, prof = _profile(args, device=args.device)
     out = prof.to_json()
@@ -214,8 +216,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.save:
         prof.save(args.save)
     if args.plot:
-        from planner.plot import plot_timelines, predicted_points
-
         budget, _ = _budget(args)
         plan = plan_checkpoints(prof, budget, cfg)
         series = {
@@ -270,8 +270,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from planner import DTYPES, OBJECTIVES
-    from planner.memory import OPTIMIZERS
 
     def common(p: argparse.ArgumentParser, dtype: str) -> None:
         p.add_argument("--model", help="registered name or package.module:factory")
@@ -288,6 +286,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--world-size", type=int, default=8, help="data-parallel ranks")
         p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd")
         p.add_argument("--prefetch", type=int, default=1, help="units all-gathered ahead")
+        p.add_argument("--reduce-dtype", choices=list(DTYPES), default="fp32",
+                       help="dtype of the gradient reduce-scatter")  # fmt: skip
+        p.add_argument("--no-reshard-after-forward", action="store_true",
+                       help="keep units gathered from forward to backward")  # fmt: skip
+        p.add_argument("--batchnorm", choices=["auto", "replicate", "units"], default="auto",
+                       help="FSDP's BatchNorm parameters (FSDPPolicy.batchnorm)")  # fmt: skip
         p.add_argument("--overhead", default="1GiB", help="fixed per-rank overhead (0: none)")
         p.add_argument("--save", metavar="FILE", help="write the result as JSON to FILE")
         p.add_argument("--plot", metavar="FILE", help="draw memory over a step (.png or .svg)")

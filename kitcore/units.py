@@ -1,12 +1,31 @@
-"""Byte sizes for humans: ``parse_bytes("40GiB")`` and ``format_bytes(42949672960)``."""
+"""Byte sizes for humans (``parse_bytes("40GiB")``, ``format_bytes(42949672960)``) and the one
+table of training dtypes by name (``DTYPES``), used by the planner, the wrapper and the CLIs."""
 
 from __future__ import annotations
 
 import re
 
+import torch
+
 from .errors import FsdpkitError
 
-__all__ = ["format_bytes", "parse_bytes"]
+__all__ = ["DTYPES", "dtype_of", "format_bytes", "parse_bytes"]
+
+# Training precisions by the names every CLI and config uses (fp64: numerical reference runs).
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "fp64": torch.float64,
+}
+
+
+def dtype_of(name: str, what: str = "dtype") -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``; a one-line error naming the choices otherwise."""
+    if name not in DTYPES:
+        raise FsdpkitError(f"{what} {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
 
 _UNITS = {
     "": 2**30,  # a bare number is GiB: the unit GPU memory is quoted in

@@ -1,0 +1,44 @@
+"""The one place the planner reaches the FSDP wrapper: to *measure* a plan, a step must run
+with it applied. Imports are lazy, so ``import planner`` loads no FSDP; planning never gets
+here (only :mod:`planner.measure` and :mod:`planner.oracle` do)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from kitcore import FSDPPolicy, ModelSpec
+
+__all__ = ["apply_checkpointing", "shard_like_training"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Chain:
+    """What ``fsdpkit.apply_ac`` and ``fsdpkit.parallelize`` read from a plan."""
+
+    units: tuple[str, ...]
+    segments: tuple[tuple[int, int, bool], ...]
+
+
+def _chain(spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence]) -> _Chain:
+    names = tuple(n for n, _ in spec.named_units(model))
+    return _Chain(names, tuple((int(s), int(e), bool(c)) for s, e, c in segments))
+
+
+def apply_checkpointing(spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence]) -> None:
+    """Checkpoint ``segments`` of ``model``'s unit chain as training does
+    (``fsdpkit.apply_ac``)."""
+    from fsdpkit import apply_ac
+
+    apply_ac(model, _chain(spec, model, segments))
+
+
+def shard_like_training(
+    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], mesh, policy: FSDPPolicy
+) -> None:
+    """Checkpoint and shard ``model`` as training does (``fsdpkit.parallelize``)."""
+    from fsdpkit import parallelize
+
+    parallelize(model, plan=_chain(spec, model, segments), mesh=mesh, policy=policy)
