@@ -41,10 +41,6 @@ __all__ = ["apply_fsdp", "parallelize", "set_prefetch"]
 _CAN_IGNORE = "ignored_params" in inspect.signature(fully_shard).parameters
 
 
-def _bn_mode(policy: FSDPPolicy) -> str:
-    return policy.resolved_batchnorm()
-
-
 def _mp(
     param: str, reduce: str, output: str | None = None, cast_inputs: bool = True
 ) -> MixedPrecisionPolicy:
@@ -81,7 +77,7 @@ def apply_fsdp(
         for m in model.modules()
         if isinstance(m, _BatchNorm) and next(m.parameters(), None) is not None
     ]
-    if _bn_mode(policy) == "replicate":
+    if policy.resolved_batchnorm() == "replicate":
         if not _CAN_IGNORE:
             raise FsdpkitError(
                 "FSDPPolicy(batchnorm='replicate') needs torch >= 2.7 "

@@ -49,6 +49,12 @@ def _nvml_used_bytes(index: int) -> int | None:
         return None
 
 
+def sgd(model: torch.nn.Module, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer every measurement steps: SGD with momentum 0.9 (one FP32 state element
+    per parameter), as SEER trains."""
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=weight_decay)
+
+
 def training_step(spec: ModelSpec, model, opt, inputs):
     """The step every measurement runs: forward, ``spec``'s loss, backward, optimizer step,
     ``zero_grad(set_to_none=True)`` (so gradients appear during backward, as in training)."""
@@ -79,7 +85,7 @@ def measure_step(
     dev = torch.device(device)
     model = spec.build_model(dev).train()
     apply_checkpointing(spec, model, segments)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=weight_decay)
+    opt = sgd(model, weight_decay)
     inputs = spec.example_input(batch_size, dev)
 
     step = training_step(spec, model, opt, inputs)

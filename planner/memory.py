@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
-from kitcore import FsdpkitError
+from kitcore import FsdpkitError, FSDPPolicy
 
 from .profile import DTYPES, ModelProfile
 
@@ -87,7 +86,7 @@ class MemoryConfig:
     @classmethod
     def from_policy(
         cls,
-        policy: Any,
+        policy: FSDPPolicy,
         world_size: int,
         *,
         optimizer: str = "sgd",
@@ -95,14 +94,8 @@ class MemoryConfig:
         overhead_bytes: int = 0,
     ) -> MemoryConfig:
         """The step ``fsdpkit.parallelize(..., policy=policy)`` runs on ``world_size`` ranks:
-        prefetch, reduce dtype, resharding and BatchNorm mode all come from ``policy`` (any
-        object with those attributes; ``batchnorm="auto"`` resolved as the wrapper does)."""
-        bn = policy.batchnorm
-        if bn == "auto":
-            resolve = getattr(policy, "resolved_batchnorm", None)
-            # the wrapper's rule: GradScaler (FP16) refuses replicated gradients beside DTensors
-            bn = resolve() if callable(resolve) else ("units" if policy.param_dtype == "fp16"
-                                                      else "replicate")  # fmt: skip
+        prefetch, reduce dtype, resharding and BatchNorm mode (``"auto"`` resolved as the
+        wrapper resolves it) all come from ``policy``."""
         return cls(
             world_size=world_size,
             sharded=True,
@@ -112,7 +105,7 @@ class MemoryConfig:
             prefetch=policy.prefetch,
             overhead_bytes=overhead_bytes,
             reshard_after_forward=policy.reshard_after_forward,
-            batchnorm=bn,
+            batchnorm=policy.resolved_batchnorm(),
         )
 
     def __post_init__(self) -> None:
@@ -414,10 +407,15 @@ def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> 
     timeline.append(((0, 0), Event("pre", statics.fwd(0), {TEMP: prof.pre_peak_bytes})))
     prefix = (prof.pre_saved_bytes, 0)  # (plain activations, checkpoint inputs) kept so far
     backward: list[tuple[tuple[int, int], list[Event]]] = []
+    held = held_input_bytes(prof, segments)
     prev: bool | None = None
     for s, e, c in segments:
         stored, events = segment_events(prof, statics, s, e, c, prev)
-        timeline += [(prefix, ev) for ev in events if ev.label.startswith("fwd")]
+        forward = [ev for ev in events if ev.label.startswith("fwd")]  # units s..e-1, in order
+        timeline += [
+            (prefix, Event(ev.label, ev.static, {**ev.parts, HELD: held[i]}) if held[i] else ev)
+            for i, ev in zip(range(s, e), forward, strict=True)
+        ]
         backward.append((prefix, [ev for ev in events if not ev.label.startswith("fwd")]))
         prefix = (prefix[0] + stored[0], prefix[1] + stored[1])
         prev = c
@@ -426,13 +424,6 @@ def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> 
     for seg_prefix, events in reversed(backward):
         timeline += [(seg_prefix, ev) for ev in events]
     timeline.append(((0, 0), Event("optimizer step", statics.optimizer_step(), {})))
-    held = held_input_bytes(prof, segments)
-    timeline = [
-        (pre, Event(ev.label, ev.static, {**ev.parts, HELD: held[int(ev.label[4:])]}))
-        if ev.label.startswith("fwd ") and ev.label[4:].isdigit() and held[int(ev.label[4:])]
-        else (pre, ev)
-        for pre, ev in timeline
-    ]
     totals = [
         (ev.label, sum(pre) + ev.static_total + ev.local, _event_flops(prof, ev.label))
         for pre, ev in timeline

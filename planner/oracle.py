@@ -23,13 +23,9 @@ from torch.utils._pytree import tree_leaves
 from kitcore import FsdpkitError, FSDPPolicy, ModelSpec
 
 from ._wrapper import apply_checkpointing, shard_like_training
-from .measure import training_step
+from .measure import sgd, training_step
 
 __all__ = ["fsdp_memtracker_peak", "memtracker_peak", "tracker_verifier"]
-
-
-def _sgd(model: torch.nn.Module, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=weight_decay)
 
 
 def memtracker_peak(
@@ -59,7 +55,7 @@ def memtracker_peak(
         if fake:
             model.to_empty(device=dev)  # memory is what is measured; values do not matter
         apply_checkpointing(spec, model, segments)
-        opt = _sgd(model, weight_decay)
+        opt = sgd(model, weight_decay)
         inputs = spec.example_input(batch_size, dev)
 
         step = training_step(spec, model, opt, inputs)
@@ -113,7 +109,7 @@ def fsdp_memtracker_peak(
             model.to_empty(device=dev)  # memory is what is measured; values do not matter
             policy = FSDPPolicy(param_dtype=dtype, prefetch=prefetch, sync_bn_group_size=-1)
             shard_like_training(spec, model, segments, mesh, policy)
-            opt = _sgd(model, weight_decay)
+            opt = sgd(model, weight_decay)
             inputs = spec.example_input(batch_size, dev)
 
             step = training_step(spec, model, opt, inputs)

@@ -10,11 +10,11 @@ import contextlib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from fsdp_fns import low_precision_setup
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fsdpkit import FSDPPolicy, get_model_spec, parallelize, syncbn
 from fsdpkit.syncbn import BatchNormFn
-from kitcore import DTYPES
 
 EPS = 1e-5
 KEYS = ("out", "dx", "dw", "db", "running_mean", "running_var")
@@ -228,10 +228,6 @@ def _record_bn_calls(model):
     return calls, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def _local(t):
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def sharded_tiny_bn(param_dtype, batchnorm, steps=2, rounded_to=None, record=True):
     """Train the sharded tiny model (2 images per rank, nothing checkpointed) for ``steps``
     SGD steps in ``param_dtype`` with BatchNorm mode ``batchnorm``. ``rounded_to``: round the
@@ -247,13 +243,7 @@ def sharded_tiny_bn(param_dtype, batchnorm, steps=2, rounded_to=None, record=Tru
                         batchnorm=batchnorm)  # fmt: skip
     parallelize(model, plan=Plan(names, ((0, len(names), False),)), policy=policy)
     calls, hooks = _record_bn_calls(model)
-    low = DTYPES[rounded_to] if rounded_to else None
-    if low is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                _local(p).copy_(_local(p).to(low))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=param_dtype == "fp16")
+    low, opt, scaler = low_precision_setup(model, param_dtype, rounded_to)
     torch.manual_seed(3)
     batches = [spec.example_input(2 * world, torch.device("cpu")) for _ in range(steps)]
     losses, first = [], []

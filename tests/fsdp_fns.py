@@ -156,6 +156,20 @@ def _gather_bytes(counter) -> list[int]:
     return [b for _, op, _, b in counter.calls if op == "_allgather_base_"]
 
 
+def low_precision_setup(model, param_dtype: str, rounded_to: str | None):
+    """For the mixed-precision runs: round ``model``'s (local) parameters to ``rounded_to``
+    and back when given (the noise-floor reference), then SGD with momentum and a GradScaler
+    enabled for fp16. Returns ``(the rounding dtype or None, optimizer, scaler)``."""
+    low = DTYPES[rounded_to] if rounded_to else None
+    if low is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                _local(p).copy_(_local(p).to(low))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=param_dtype == "fp16")
+    return low, opt, scaler
+
+
 def mixed_precision_training(param_dtype, inf_rank=None, steps=4, rounded_to=None):
     """Losses of a few steps in ``param_dtype`` (fp16 with GradScaler); optionally an inf in
     one rank's gradients at step 1. Returns the losses and whether each step was taken.
@@ -165,13 +179,7 @@ def mixed_precision_training(param_dtype, inf_rank=None, steps=4, rounded_to=Non
     training in that dtype: what merely representing the problem in it changes."""
     rank, world = dist.get_rank(), dist.get_world_size()
     spec, model = _sharded_tiny(((0, 3, True), (3, 6, False)), param_dtype)
-    low = DTYPES[rounded_to] if rounded_to else None
-    if low is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                _local(p).copy_(_local(p).to(low))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=param_dtype == "fp16")
+    low, opt, scaler = low_precision_setup(model, param_dtype, rounded_to)
     losses, taken = [], []
     for step, crops in enumerate(_batches(spec, world, steps)):
         if low is not None:
