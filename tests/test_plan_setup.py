@@ -111,3 +111,27 @@ def test_parallelize_refuses_a_plan_made_for_another_setup(tiny_profile):
     plan1 = plan_checkpoints(tiny_profile, 2**40, MemoryConfig.from_policy(policy, 1))
     with pytest.raises(FsdpkitError, match=r"prefetch 1, this run has 2"):
         parallelize(model, plan=plan1, policy=FSDPPolicy(param_dtype="bf16", prefetch=2))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: None, "cannot read plan"),  # no such file
+        (lambda d: (d / "p.json").write_text("{not json"), "cannot read plan"),
+        (lambda d: (d / "p.json").write_text("{}"), "not an fsdpkit plan"),
+    ],
+)
+def test_a_bad_plan_file_is_one_line_and_exit_2(tmp_path, capsys, make, message):
+    make(tmp_path)
+    argv = [*PRETRAIN, "--plan", str(tmp_path / "p.json"), "--out", str(tmp_path / "run")]
+    assert seer_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_policy_the_wrapper_refuses_is_refused_by_the_planner_too(capsys):
+    argv = ["plan", "--model", "tiny", "--batch", "2", "--dtype", "fp16", "--batchnorm",
+            "replicate"]  # fmt: skip
+    assert fsdpkit_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot train in fp16" in err, err
