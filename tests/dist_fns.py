@@ -1,6 +1,7 @@
 """Module-level functions that the distributed tests run on every rank (spawn imports them)."""
 
 import os
+import threading
 import time
 
 import torch
@@ -35,6 +36,13 @@ def sleep_forever(pid_dir: str) -> None:
     with open(os.path.join(pid_dir, f"{dist.get_rank()}.pid"), "w") as f:
         f.write(str(os.getpid()))
     time.sleep(3600)
+
+
+SHARED_LOCK = threading.Lock()
+
+
+def take_shared_lock() -> bool:
+    return SHARED_LOCK.acquire(timeout=10)
 
 
 def unpicklable_result():

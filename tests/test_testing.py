@@ -10,6 +10,7 @@ from dist_fns import (
     exit_on_rank_zero,
     raise_on_rank,
     sleep_forever,
+    take_shared_lock,
     unpicklable_result,
 )
 
@@ -26,7 +27,7 @@ def test_results_come_back_in_rank_order(world_size):
     ]
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_start_methods_and_rank_environment(method):
     out = run_distributed(env_and_threads, 2, start_method=method, threads_per_rank=1)
     assert out == [("0", "2", 1), ("1", "2", 1)]
@@ -37,6 +38,19 @@ def test_fork_with_several_threads_is_refused_or_spawns(monkeypatch):
         run_distributed(env_and_threads, 1, start_method="fork", threads_per_rank=2)
     monkeypatch.setenv("FSDPKIT_TEST_START_METHOD", "fork")  # a default, not a demand: spawn
     assert run_distributed(env_and_threads, 1, threads_per_rank=2) == [("0", "1", 2)]
+    # the fork server never ran a parallel region: several threads are fine there
+    out = run_distributed(env_and_threads, 1, start_method="forkserver", threads_per_rank=2)
+    assert out == [("0", "1", 2)]
+
+
+def test_forkserver_ranks_do_not_inherit_the_callers_locks():
+    # A lock some thread of the caller holds (here: the caller itself) is held forever in a
+    # plainly forked child; ranks forked from the server import a fresh one.
+    import dist_fns
+
+    with dist_fns.SHARED_LOCK:
+        out = run_distributed(take_shared_lock, 2, start_method="forkserver", timeout_s=60)
+    assert out == [True, True]
 
 
 def test_fork_does_not_inherit_a_parents_garbage_process_group():
