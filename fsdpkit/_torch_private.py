@@ -110,14 +110,26 @@ def check_checkpoint_region() -> tuple[Any, ...]:
     return tuple(head)
 
 
-def checkpoint_region(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Generator:
+def checkpoint_region(
+    fn: Callable[..., Any], *args: Any, context_fn: Callable | None = None, **kwargs: Any
+) -> Generator:
     """Non-reentrant checkpointing of a region that is not one call: ``next(gen)`` opens it
     (``args``/``kwargs``, the region's inputs, are saved), the caller runs the region, a second
     ``next(gen)`` closes it (raising ``StopIteration``). Tensors saved for backward inside it
     are dropped and recomputed in backward by ``fn(*args, **kwargs)``, with the RNG state of
     the forward, exactly as ``torch.utils.checkpoint.checkpoint(fn, *args,
-    use_reentrant=False)`` does."""
-    return _ckpt_gen(fn, *check_checkpoint_region(), *args, **kwargs)
+    use_reentrant=False, context_fn=context_fn)`` does (``context_fn``: e.g. selective
+    checkpointing's ``create_selective_checkpoint_contexts``)."""
+    head = check_checkpoint_region()
+    if context_fn is not None:
+        head = tuple(context_fn if i == _context_fn_position() else v for i, v in enumerate(head))
+    return _ckpt_gen(fn, *head, *args, **kwargs)
+
+
+@functools.cache
+def _context_fn_position() -> int:
+    names = list(inspect.signature(_ckpt_gen).parameters)
+    return names.index("context_fn") - 1  # after ``fn``
 
 
 _ENGINE_NAME = "torch.autograd.Variable._execution_engine.queue_callback"

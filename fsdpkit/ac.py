@@ -35,19 +35,34 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from kitcore.errors import FsdpkitError
+from kitcore.selective import kept_ops
 
 from ._torch_private import check_checkpoint_region, checkpoint_region
 
-__all__ = ["CheckpointPlan", "apply_ac", "remove_ac"]
+__all__ = ["CheckpointPlan", "apply_ac", "remove_ac", "selective_context_fn"]
 
 _HANDLES = "_fsdpkit_ac_handles"
 
 
 class CheckpointPlan(Protocol):
-    """What :func:`apply_ac` reads from a plan (``planner.Plan`` satisfies it)."""
+    """What :func:`apply_ac` reads from a plan (``planner.Plan`` satisfies it); an optional
+    ``selective`` (unit indices) is read too."""
 
     units: Sequence[str]
     segments: Sequence[tuple[int, int, bool]]
+
+
+def selective_context_fn() -> Any:
+    """``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of the operators of
+    :func:`kitcore.selective.kept_ops` (convolutions, matrix products, attention), recompute
+    the rest in backward."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    # A kept output may be mutated in place by an idempotent op (kitcore.selective); the
+    # planner offers selective checkpointing only to units whose code does nothing else.
+    return partial(
+        create_selective_checkpoint_contexts, list(kept_ops()), allow_cache_entry_mutation=True
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +81,9 @@ def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
 class _Segment:
     """Checkpointing of units[0..] entered at the first unit's call, left after the last's."""
 
-    def __init__(self, units: list[nn.Module]) -> None:
+    def __init__(self, units: list[nn.Module], context_fn: Any = None) -> None:
         self.units = units
+        self.context_fn = context_fn
         self.gen = None
         self.recomputing = False
         self.bns = [m for u in units for m in u.modules() if isinstance(m, _BatchNorm)]
@@ -75,12 +91,20 @@ class _Segment:
         self._outputs: list[tuple[int, int]] = []  # (id, storage key) of the last output leaves
 
     def recompute(self, calls: list[tuple[tuple, dict]], *args: Any, **kwargs: Any) -> Any:
+        # Running statistics were updated by the forward already: momentum 0, and the batch
+        # counter taken away so nothing increments it. No tensor op here: under selective
+        # checkpointing this runs inside its dispatch mode, which must see the forward's ops.
         frozen = [(m, m.momentum, m.num_batches_tracked) for m in self.bns if m.training]
         self.recomputing = True
-        counters = [n.clone() if n is not None else None for _, _, n in frozen]
         for m, _, _ in frozen:
-            m.momentum = 0.0  # running stats were updated by the forward already
+            m.momentum = 0.0
+            m.num_batches_tracked = None
         try:
+            if self.context_fn is not None:
+                # Selective: torch checks that recomputation runs the forward's operators, and
+                # the unit's own hooks ran outside the region in forward (FSDP2's input cast
+                # and un-shard; in backward its parameters are gathered already).
+                return self.units[0].forward(*args, **kwargs)
             x = self.units[0](*args, **kwargs)
             for unit, call in zip(self.units[1:], calls, strict=True):
                 leaves = _tensor_leaves(x)
@@ -89,10 +113,9 @@ class _Segment:
             return x
         finally:
             self.recomputing = False
-            for (m, momentum, n), saved in zip(frozen, counters, strict=True):
+            for m, momentum, counter in frozen:
                 m.momentum = momentum
-                if n is not None:
-                    n.copy_(saved)
+                m.num_batches_tracked = counter
 
     def _active(self) -> bool:
         return self.gen is not None and not self.recomputing
@@ -103,7 +126,9 @@ class _Segment:
         self.calls = []  # one list per forward: gradient accumulation runs several
         # What torch.utils.checkpoint.checkpoint(use_reentrant=False) does around one call,
         # here around the units' calls by the model (why no public API: _torch_private).
-        self.gen = checkpoint_region(partial(self.recompute, self.calls), *args, **kwargs)
+        self.gen = checkpoint_region(
+            partial(self.recompute, self.calls), *args, context_fn=self.context_fn, **kwargs
+        )
         next(self.gen)
 
     def record_output(self, _module: nn.Module, _args: tuple, out: Any) -> None:
@@ -174,8 +199,24 @@ def _resolve(model: nn.Module, plan: CheckpointPlan) -> list[nn.Module]:
     return modules
 
 
+def _selective_units(plan: CheckpointPlan) -> list[int]:
+    selective = [int(i) for i in getattr(plan, "selective", ()) or ()]
+    plain = {i for s, e, c in plan.segments if not c for i in range(s, e)}
+    for i in selective:
+        if i not in plain:
+            raise FsdpkitError(
+                f"plan unit {i} is selective but not in a plain segment (re-plan for this model)"
+            )
+    return sorted(set(selective))
+
+
 def apply_ac(model: nn.Module, plan: CheckpointPlan) -> int:
     """Checkpoint ``model`` in place as ``plan`` says; returns the number of regions.
+
+    Units in ``plan.selective`` run under op-level selective checkpointing (one region each):
+    the outputs of their convolutions, matrix products and attention are kept for backward,
+    the rest recomputed there, still inside the unit (under FSDP2, with its parameters
+    already gathered for its backward: no extra all-gather).
 
     Apply before sharding (``fully_shard``) so that checkpointing sits inside each sharded
     unit. Raises :class:`FsdpkitError` when the plan names units the model does not have, its
@@ -184,14 +225,16 @@ def apply_ac(model: nn.Module, plan: CheckpointPlan) -> int:
     if getattr(model, _HANDLES, None):
         raise FsdpkitError("the model is already checkpointed; call remove_ac first")
     modules = _resolve(model, plan)
-    if any(ckpt for _, _, ckpt in plan.segments):
+    selective = _selective_units(plan)
+    if selective or any(ckpt for _, _, ckpt in plan.segments):
         check_checkpoint_region()  # fail here, not in the first forward, if torch changed it
     handles = []
     regions = 0
-    for s, e, ckpt in plan.segments:
-        if not ckpt:
-            continue
-        seg = _Segment(modules[s:e])
+    context = selective_context_fn() if selective else None
+    spans = [(s, e, None) for s, e, ckpt in plan.segments if ckpt]
+    spans += [(i, i + 1, context) for i in selective]
+    for s, e, context_fn in sorted(spans, key=lambda span: span[0]):
+        seg = _Segment(modules[s:e], context_fn)
         handles.append(modules[s].register_forward_pre_hook(seg.enter, with_kwargs=True))
         for m in modules[s + 1 : e]:
             handles.append(m.register_forward_pre_hook(seg.record_call, with_kwargs=True))

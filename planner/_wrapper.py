@@ -20,25 +20,37 @@ class _Chain:
 
     units: tuple[str, ...]
     segments: tuple[tuple[int, int, bool], ...]
+    selective: tuple[int, ...] = ()
 
 
-def _chain(spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence]) -> _Chain:
+def _chain(
+    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], selective: Sequence[int]
+) -> _Chain:
     names = tuple(n for n, _ in spec.named_units(model))
-    return _Chain(names, tuple((int(s), int(e), bool(c)) for s, e, c in segments))
+    segs = tuple((int(s), int(e), bool(c)) for s, e, c in segments)
+    return _Chain(names, segs, tuple(int(i) for i in selective))
 
 
-def apply_checkpointing(spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence]) -> None:
-    """Checkpoint ``segments`` of ``model``'s unit chain as training does
-    (``fsdpkit.apply_ac``)."""
+def apply_checkpointing(
+    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], selective: Sequence[int] = ()
+) -> None:
+    """Checkpoint ``segments`` of ``model``'s unit chain, and run ``selective`` units under
+    op-level selective checkpointing, as training does (``fsdpkit.apply_ac``)."""
     from fsdpkit import apply_ac
 
-    apply_ac(model, _chain(spec, model, segments))
+    apply_ac(model, _chain(spec, model, segments, selective))
 
 
 def shard_like_training(
-    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], mesh, policy: FSDPPolicy
+    spec: ModelSpec,
+    model: nn.Module,
+    segments: Sequence[Sequence],
+    mesh,
+    policy: FSDPPolicy,
+    selective: Sequence[int] = (),
 ) -> None:
     """Checkpoint and shard ``model`` as training does (``fsdpkit.parallelize``)."""
     from fsdpkit import parallelize
 
-    parallelize(model, plan=_chain(spec, model, segments), mesh=mesh, policy=policy)
+    plan = _chain(spec, model, segments, selective)
+    parallelize(model, plan=plan, mesh=mesh, policy=policy)

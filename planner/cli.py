@@ -13,10 +13,11 @@ from kitcore import FsdpkitError, FSDPPolicy, get_model_spec, parse_bytes, stdou
 from kitcore import format_bytes as fb
 
 from .advise import largest_batch
+from .devices import DEFAULT_GPU, GPUS, get_device
 from .memory import OPTIMIZERS, MemoryConfig, estimate
 from .plot import plot_timelines, predicted_points
 from .profile import DTYPES, ModelProfile, profile_model
-from .solve import OBJECTIVES, plan_checkpoints, world_size_needed
+from .solve import GRANULARITIES, OBJECTIVES, plan_checkpoints, world_size_needed
 
 DEFAULT_GPU_MEM = 40 * 2**30
 
@@ -40,6 +41,8 @@ def default_gpu_mem() -> tuple[int, str]:
 def _budget(args: argparse.Namespace) -> tuple[int, str]:
     if args.gpu_mem is not None:
         return parse_bytes(args.gpu_mem, "--gpu-mem"), "--gpu-mem"
+    if getattr(args, "gpu", None):
+        return get_device(args.gpu).memory_bytes, f"--gpu {args.gpu} memory"
     return default_gpu_mem()
 
 
@@ -90,12 +93,16 @@ def _config(args: argparse.Namespace, sharded: bool, overhead: bool = True):
 
 def _units_table(plan, prof) -> Table:
     checkpointed = {i: k for k, (s, e, c) in enumerate(plan.segments) if c for i in range(s, e)}
+    selective = set(plan.selective)
     table = Table(title=f"{prof.model}: units", box=box.SIMPLE_HEAD)
-    for col in ("#", "unit", "kept for backward", "output", "GFLOPs", "checkpoint"):
+    for col in ("#", "unit", "kept for backward", "selective keeps", "output", "GFLOPs",
+                "recompute"):  # fmt: skip
         table.add_column(col, justify="left" if col == "unit" else "right")
     for i, u in enumerate(prof.units):
-        mark = f"✓ segment {checkpointed[i]}" if i in checkpointed else ""
-        table.add_row(str(i), u.name, fb(u.activation_bytes), fb(u.output_bytes),
+        mark = f"segment {checkpointed[i]}" if i in checkpointed else ""
+        mark = "selective" if i in selective else mark
+        sel = fb(u.sel_saved_bytes + u.input_bytes) if u.has_selective else "-"
+        table.add_row(str(i), u.name, fb(u.activation_bytes), sel, fb(u.output_bytes),
                       f"{u.flops / 1e9:,.1f}", mark)  # fmt: skip
     return table
 
@@ -129,8 +136,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise FsdpkitError("--verify runs the model: give --model, not --profile")
         verify, tracker = tracker_verifier(spec, args.batch, cfg, args.dtype)
     plan = plan_checkpoints(
-        prof, budget, cfg, objective=args.objective, segments=args.segments, verify=verify
-    )
+        prof, budget, cfg, objective=args.objective, segments=args.segments, verify=verify,
+        granularity=args.granularity, device=args.gpu or DEFAULT_GPU,
+    )  # fmt: skip
     out: dict[str, Any] = plan.to_json()
     out["budget_source"] = budget_source
     if tracker is not None:
@@ -150,7 +158,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             args.plot,
             {
                 "no checkpointing": predicted_points(estimate(prof, [(0, n, False)], cfg).timeline),
-                plan.objective: predicted_points(estimate(prof, list(plan.segments), cfg).timeline),
+                plan.objective: predicted_points(
+                    estimate(prof, list(plan.segments), cfg, plan.selective).timeline
+                ),
             },
             title=f"{prof.model}, batch {prof.batch_size}, {prof.dtype}, world size "
             f"{cfg.world_size} (predicted)",
@@ -181,6 +191,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{verdict}: peak {fb(plan.peak_bytes)} (at {plan.peak_event}) of {fb(budget)}; "
         f"without checkpointing {fb(plan.peak_bytes_without_checkpointing)}; recomputes "
         f"{plan.recompute_fraction:.1%} of the step's FLOPs"
+        + (
+            f", {plan.recompute_time_fraction:.1%} of its roofline time on {plan.cost_device}"
+            if plan.cost_device
+            else ""
+        )
+        + f" ({len(plan.selective)} units selective, granularity {args.granularity})"
     )
     if not plan.fits:
         b, w = out["largest_batch_that_fits"], out["world_size_needed"]
@@ -223,12 +239,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 estimate(prof, [(0, n, False)], cfg).timeline
             ),
             f"planned for {fb(budget)} (predicted)": predicted_points(
-                estimate(prof, list(plan.segments), cfg).timeline
+                estimate(prof, list(plan.segments), cfg, plan.selective).timeline
             ),
         }
         if args.device == "cpu":
-            for label, segs in (("no checkpointing", [(0, n, False)]), ("planned", plan.segments)):
-                m = measure_step(spec, args.batch, segs, device="cpu", timeline=True)
+            for label, segs, sel in (
+                ("no checkpointing", [(0, n, False)], ()),
+                ("planned", plan.segments, plan.selective),
+            ):
+                m = measure_step(spec, args.batch, segs, device="cpu", timeline=True, selective=sel)
                 series[f"{label} (measured)"] = m.timeline
         plot_timelines(args.plot, series, title=f"{prof.model}, batch {prof.batch_size}, "
                        f"{prof.dtype}, one process", budget_bytes=budget)  # fmt: skip
@@ -300,6 +319,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="choose activation checkpoints that fit a memory budget")
     common(p, "fp16")
     p.add_argument("--objective", choices=OBJECTIVES, default="recompute")
+    p.add_argument(
+        "--gpu",
+        choices=list(GPUS),
+        help=f"price recomputation on this GPU's "
+        f"roofline (default {DEFAULT_GPU}); its memory is then the default budget",
+    )
+    p.add_argument("--granularity", choices=GRANULARITIES, default="op",
+                   help="op: per unit keep / selective / checkpointed segment; unit: whole-unit "
+                   "segments only")  # fmt: skip
     p.add_argument("--segments", type=int, help="fixed number of min-max segments (study)")
     p.add_argument("--profile", metavar="FILE", help="plan from a saved profile, not a model")
     p.add_argument("--no-fsdp", action="store_true", help="plan one unsharded process")

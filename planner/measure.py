@@ -78,13 +78,15 @@ def measure_step(
     weight_decay: float = 1e-5,
     timeline: bool = False,
     seed: int = 0,
+    selective: Sequence[int] = (),
 ) -> MeasuredStep:
-    """Peak bytes of a steady-state FP32 step of ``spec`` with ``segments`` checkpointed,
-    using SGD (momentum 0.9, ``weight_decay``) as SEER does."""
+    """Peak bytes of a steady-state FP32 step of ``spec`` with ``segments`` checkpointed (and
+    ``selective`` units under op-level selective checkpointing), using SGD (momentum 0.9,
+    ``weight_decay``) as SEER does."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = spec.build_model(dev).train()
-    apply_checkpointing(spec, model, segments)
+    apply_checkpointing(spec, model, segments, selective)
     opt = sgd(model, weight_decay)
     inputs = spec.example_input(batch_size, dev)
 

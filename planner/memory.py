@@ -21,11 +21,12 @@ checkpointed), or a checkpointed segment starts there (its input is held).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kitcore import FsdpkitError, FSDPPolicy
 
-from .profile import DTYPES, ModelProfile
+from .profile import DTYPES, ModelProfile, UnitProfile
 
 __all__ = [
     "OPTIMIZERS",
@@ -39,6 +40,7 @@ __all__ = [
     "segment_events",
     "static_floor_bytes",
     "tail_events",
+    "unit_views",
 ]
 
 Segment = tuple[int, int, bool]
@@ -251,9 +253,19 @@ class _Statics:
         return s
 
 
-def _boundary_kept(prof: ModelProfile, k: int, ckpt: list[bool | None], start: bool) -> int:
+def unit_views(prof: ModelProfile, selective: Iterable[int] = ()) -> list[UnitProfile]:
+    """The units as the memory model sees them: those in ``selective`` (indices) replaced by
+    their op-level selective view (:meth:`~planner.profile.UnitProfile.selective`)."""
+    units = list(prof.units)
+    for i in selective:
+        units[i] = units[i].selective()
+    return units
+
+
+def _boundary_kept(
+    prof: ModelProfile, k: int, ckpt: list[bool | None], start: bool, units: Sequence[UnitProfile]
+) -> int:
     """Bytes of boundary ``k`` (input of unit k) kept for backward; ckpt[j] per unit."""
-    units = prof.units
     if start:
         return units[k].input_bytes
     kept = 0
@@ -267,18 +279,26 @@ def _boundary_kept(prof: ModelProfile, k: int, ckpt: list[bool | None], start: b
 
 
 def segment_events(
-    prof: ModelProfile, statics: _Statics, s: int, e: int, ckpt: bool, prev_ckpt: bool | None
+    prof: ModelProfile,
+    statics: _Statics,
+    s: int,
+    e: int,
+    ckpt: bool,
+    prev_ckpt: bool | None,
+    units: Sequence[UnitProfile] | None = None,
 ) -> tuple[tuple[int, int], list[Event]]:
     """Bytes segment ``[s, e)`` adds to the prefix as ``(plain activations, checkpoint
     inputs)``, and its events (forward, recompute, backward) with segment-local bytes.
-    ``prev_ckpt``: type of unit ``s - 1`` (None for the first segment)."""
-    u = prof.units
+    ``prev_ckpt``: type of unit ``s - 1`` (None for the first segment). ``units``: the views
+    of :func:`unit_views` (a plain unit under selective checkpointing); default the profile's.
+    """
+    u = prof.units if units is None else units
     types: list[bool | None] = [None] * len(u)
     if s > 0:
         types[s - 1] = prev_ckpt
     for i in range(s, e):
         types[i] = ckpt
-    kept = [_boundary_kept(prof, k, types, start=(ckpt and k == s)) for k in range(s, e)]
+    kept = [_boundary_kept(prof, k, types, ckpt and k == s, u) for k in range(s, e)]
     inner = [max(u[k - 1].saves_output_bytes, u[k].saves_input_bytes) for k in range(s + 1, e)]
     held = kept[0] if ckpt else 0  # the checkpointed segment's input
     events: list[Event] = []
@@ -316,14 +336,19 @@ def segment_events(
     return ((0, held) if ckpt else (stored, 0)), events
 
 
-def tail_events(prof: ModelProfile, statics: _Statics, last_ckpt: bool) -> tuple[int, list[Event]]:
+def tail_events(
+    prof: ModelProfile,
+    statics: _Statics,
+    last_ckpt: bool,
+    units: Sequence[UnitProfile] | None = None,
+) -> tuple[int, list[Event]]:
     """Events after the last unit (heads, loss) and the optimizer step; bytes kept by the
     last boundary and the tail."""
     n = len(prof.units)
     types: list[bool | None] = [None] * n
     if n:
         types[-1] = last_ckpt
-    kept = _boundary_kept(prof, n, types, start=False)
+    kept = _boundary_kept(prof, n, types, False, prof.units if units is None else units)
     out_bytes = prof.units[-1].output_bytes if n else 0
     after_fwd = kept + prof.tail_saved_bytes
     events = [
@@ -360,6 +385,21 @@ def normalize_segments(segments: list[Segment], n: int) -> list[Segment]:
     return out
 
 
+def check_selective(segments: Sequence[Segment], selective: Sequence[int], n: int) -> None:
+    """Selective units must be distinct units of plain segments (a checkpointed segment
+    already recomputes everything)."""
+    plain = {i for s, e, c in segments if not c for i in range(s, e)}
+    for i in selective:
+        if not 0 <= i < n:
+            raise FsdpkitError(f"selective unit {i} is not one of the {n} units")
+        if i not in plain:
+            raise FsdpkitError(
+                f"unit {i} is both selective and in a checkpointed segment; choose one"
+            )
+    if len(set(selective)) != len(selective):
+        raise FsdpkitError(f"selective units repeat: {sorted(selective)}")
+
+
 def _event_flops(prof: ModelProfile, label: str) -> int:
     """FLOPs an event runs (a stand-in for its duration): backward costs twice the forward."""
     kind, _, where = label.partition(" ")
@@ -373,7 +413,9 @@ def _event_flops(prof: ModelProfile, label: str) -> int:
     return 2 * fwd if kind == "bwd" else fwd
 
 
-def held_input_bytes(prof: ModelProfile, segments: list[Segment]) -> list[int]:
+def held_input_bytes(
+    prof: ModelProfile, segments: list[Segment], units: Sequence[UnitProfile] | None = None
+) -> list[int]:
     """Per unit ``i``: bytes of earlier units' inputs that the model's own code still holds
     while unit ``i`` runs forward (``UnitProfile.input_held_until``) and that nothing else
     counts: a boundary a checkpointed segment does not save stays allocated all the same."""
@@ -385,32 +427,41 @@ def held_input_bytes(prof: ModelProfile, segments: list[Segment]) -> list[int]:
         if c:
             starts.add(s)
     held = [0] * n
+    views = prof.units if units is None else units
     for b, u in enumerate(prof.units):
         if u.input_held_until <= b or b in starts:
             continue
-        extra = u.input_bytes - _boundary_kept(prof, b, types, start=False)
+        extra = u.input_bytes - _boundary_kept(prof, b, types, False, views)
         for i in range(b + 1, min(u.input_held_until, n - 1) + 1):
             held[i] += max(extra, 0)
     return held
 
 
-def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> MemoryEstimate:
+def estimate(
+    prof: ModelProfile,
+    segments: list[Segment],
+    cfg: MemoryConfig,
+    selective: Sequence[int] = (),
+) -> MemoryEstimate:
     """Replay one step under ``segments``: predicted peak, its breakdown, and the timeline.
+    ``selective``: units (indices, in plain segments) under op-level selective checkpointing.
 
     Order: pre-unit work, every segment's forward, the tail (heads, loss) forward and backward,
     segments' recomputation and backward in reverse, then the optimizer step.
     """
     n = len(prof.units)
     segments = normalize_segments(segments, n)
+    check_selective(segments, selective, n)
+    units = unit_views(prof, selective)
     statics = _Statics(prof, cfg)
     timeline: list[tuple[tuple[int, int], Event]] = []
     timeline.append(((0, 0), Event("pre", statics.fwd(0), {TEMP: prof.pre_peak_bytes})))
     prefix = (prof.pre_saved_bytes, 0)  # (plain activations, checkpoint inputs) kept so far
     backward: list[tuple[tuple[int, int], list[Event]]] = []
-    held = held_input_bytes(prof, segments)
+    held = held_input_bytes(prof, segments, units)
     prev: bool | None = None
     for s, e, c in segments:
-        stored, events = segment_events(prof, statics, s, e, c, prev)
+        stored, events = segment_events(prof, statics, s, e, c, prev, units)
         forward = [ev for ev in events if ev.label.startswith("fwd")]  # units s..e-1, in order
         timeline += [
             (prefix, Event(ev.label, ev.static, {**ev.parts, HELD: held[i]}) if held[i] else ev)
@@ -419,7 +470,7 @@ def estimate(prof: ModelProfile, segments: list[Segment], cfg: MemoryConfig) -> 
         backward.append((prefix, [ev for ev in events if not ev.label.startswith("fwd")]))
         prefix = (prefix[0] + stored[0], prefix[1] + stored[1])
         prev = c
-    _, tail = tail_events(prof, statics, bool(prev))
+    _, tail = tail_events(prof, statics, bool(prev), units)
     timeline += [(prefix, ev) for ev in tail]
     for seg_prefix, events in reversed(backward):
         timeline += [(seg_prefix, ev) for ev in events]

@@ -33,12 +33,14 @@ def memtracker_peak(
     batch_size: int,
     segments: Sequence[tuple[int, int, bool]],
     *,
+    selective: Sequence[int] = (),
     device: str = "fake",
     weight_decay: float = 1e-5,
     breakdown: dict | None = None,
 ) -> int:
     """Peak bytes of one steady-state FP32 step of ``spec`` (one process, SGD with momentum,
-    ``segments`` checkpointed by :func:`fsdpkit.apply_ac`) as ``MemTracker`` counts them.
+    ``segments`` checkpointed and ``selective`` units under op-level selective checkpointing, by
+    :func:`fsdpkit.apply_ac`) as ``MemTracker`` counts them.
 
     ``device="fake"`` (default): CPU tensors under ``FakeTensorMode``, so that every op picks
     the kernel a real CPU run picks (``meta`` would take, e.g., the math path of
@@ -54,7 +56,7 @@ def memtracker_peak(
     with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         if fake:
             model.to_empty(device=dev)  # memory is what is measured; values do not matter
-        apply_checkpointing(spec, model, segments)
+        apply_checkpointing(spec, model, segments, selective)
         opt = sgd(model, weight_decay)
         inputs = spec.example_input(batch_size, dev)
 
@@ -80,6 +82,7 @@ def fsdp_memtracker_peak(
     batch_size: int,
     segments: Sequence[tuple[int, int, bool]],
     *,
+    selective: Sequence[int] = (),
     world_size: int,
     dtype: str = "fp32",
     prefetch: int = 1,
@@ -108,7 +111,7 @@ def fsdp_memtracker_peak(
             dev = torch.device("cpu")
             model.to_empty(device=dev)  # memory is what is measured; values do not matter
             policy = FSDPPolicy(param_dtype=dtype, prefetch=prefetch, sync_bn_group_size=-1)
-            shard_like_training(spec, model, segments, mesh, policy)
+            shard_like_training(spec, model, segments, mesh, policy, selective)
             opt = sgd(model, weight_decay)
             inputs = spec.example_input(batch_size, dev)
 
@@ -124,15 +127,16 @@ def fsdp_memtracker_peak(
 
 
 def tracker_verifier(spec: ModelSpec, batch_size: int, cfg, dtype: str = "fp32"):
-    """``verify(segments) -> peak bytes`` for :func:`planner.plan_checkpoints`: the tracker that
-    matches ``cfg`` (``FSDPMemTracker`` when sharded, else ``MemTracker``, which runs FP32
-    only), plus ``cfg.overhead_bytes``, which no tracker sees. Returns ``(verify, name)``."""
+    """``verify(segments, selective=()) -> peak bytes`` for :func:`planner.plan_checkpoints`:
+    the tracker that matches ``cfg`` (``FSDPMemTracker`` when sharded, else ``MemTracker``,
+    which runs FP32 only), plus ``cfg.overhead_bytes``, which no tracker sees. Returns
+    ``(verify, name)``."""
     if cfg.sharded:
 
-        def verify(segments) -> int:
+        def verify(segments, selective=()) -> int:
             peak = fsdp_memtracker_peak(
-                spec, batch_size, segments, world_size=cfg.world_size, dtype=dtype,
-                prefetch=cfg.prefetch,
+                spec, batch_size, segments, selective=selective, world_size=cfg.world_size,
+                dtype=dtype, prefetch=cfg.prefetch,
             )  # fmt: skip
             return peak + cfg.overhead_bytes
 
@@ -143,7 +147,9 @@ def tracker_verifier(spec: ModelSpec, batch_size: int, cfg, dtype: str = "fp32")
             f"(got {dtype}) or with FSDP"
         )
 
-    def verify_one(segments) -> int:
-        return memtracker_peak(spec, batch_size, segments) + cfg.overhead_bytes
+    def verify_one(segments, selective=()) -> int:
+        return memtracker_peak(spec, batch_size, segments, selective=selective) + (
+            cfg.overhead_bytes
+        )
 
     return verify_one, "MemTracker"

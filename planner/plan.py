@@ -10,6 +10,7 @@ from typing import Any
 
 from kitcore import FsdpkitError
 
+from .devices import DEFAULT_GPU
 from .memory import MemoryConfig, Segment, estimate
 from .profile import ModelProfile
 
@@ -29,6 +30,8 @@ _REPORT_KEYS = frozenset(
         "largest_batch_that_fits",
         "world_size_needed",
         "verification",
+        "recompute_time_fraction",
+        "choices",
     }
 )
 
@@ -40,7 +43,11 @@ class Plan:
     ``segments``: ``(start, end_exclusive, checkpointed)`` tiling ``units`` (module names).
     Bytes are per rank; ``peak_bytes`` and ``breakdown`` are the memory model's prediction at
     the step's peak; ``recompute_flops`` are the forward FLOPs run again in backward, and
-    ``step_flops`` the FLOPs of a plain step (forward + backward). ``verified_peak_bytes``:
+    ``step_flops`` the FLOPs of a plain step (forward + backward). ``selective``: units (indices,
+    in plain segments) under op-level selective checkpointing. ``recompute_time_s`` and
+    ``step_time_s``: roofline seconds of the recomputation and of a plain step on
+    ``cost_device`` (:mod:`planner.devices`), what the solver minimised; 0 where the profile
+    has no operator costs. ``verified_peak_bytes``:
     the peak a memory tracker measured for this plan (None: not verified), which took
     ``verify_time_s`` seconds.
     """
@@ -68,6 +75,10 @@ class Plan:
     verified_peak_bytes: int | None = None
     verify_time_s: float = 0.0
     config: Mapping[str, Any] = field(default_factory=dict)
+    selective: tuple[int, ...] = ()
+    cost_device: str = ""
+    recompute_time_s: float = 0.0
+    step_time_s: float = 0.0
 
     def setup(self) -> dict[str, Any]:
         """The training setup this plan was made for: model, batch, world size, dtypes, the
@@ -107,10 +118,31 @@ class Plan:
     def recompute_fraction(self) -> float:
         return self.recompute_flops / self.step_flops if self.step_flops else 0.0
 
+    @property
+    def recompute_time_fraction(self) -> float:
+        """Roofline recompute time ÷ roofline time of a plain step (on ``cost_device``)."""
+        return self.recompute_time_s / self.step_time_s if self.step_time_s else 0.0
+
+    def choices(self) -> list[str]:
+        """Per unit: ``"keep"``, ``"selective"`` or ``"checkpoint"`` (in a segment)."""
+        out = ["keep"] * len(self.units)
+        for s, e, c in self.segments:
+            if c:
+                out[s:e] = ["checkpoint"] * (e - s)
+        for i in self.selective:
+            out[i] = "selective"
+        return out
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["segments"] = [list(s) for s in self.segments]
-        d.update(fits=self.fits, recompute_fraction=self.recompute_fraction)
+        d["selective"] = list(self.selective)
+        d.update(
+            fits=self.fits,
+            recompute_fraction=self.recompute_fraction,
+            recompute_time_fraction=self.recompute_time_fraction,
+            choices=self.choices(),
+        )
         return d
 
     @classmethod
@@ -122,6 +154,7 @@ class Plan:
             kwargs["activation_bytes"] = tuple(kwargs["activation_bytes"])
             kwargs["notes"] = tuple(kwargs.get("notes", ()))
             kwargs["config"] = dict(kwargs.get("config", {}))
+            kwargs["selective"] = tuple(int(i) for i in kwargs.get("selective", ()))
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as e:
             raise FsdpkitError(f"{origin}: not an fsdpkit plan ({type(e).__name__}: {e})") from None
@@ -149,12 +182,16 @@ def make_plan(
     notes: Sequence[str] = (),
     verified_peak_bytes: int | None = None,
     verify_time_s: float = 0.0,
+    selective: Sequence[int] = (),
+    device: str = DEFAULT_GPU,
 ) -> Plan:
-    """Evaluate ``segments`` with the memory model and wrap the result as a :class:`Plan`."""
+    """Evaluate ``segments`` (and ``selective`` units) with the memory model and wrap the result
+    as a :class:`Plan`; recomputation priced on ``device``."""
     n = len(prof.units)
-    est = estimate(prof, list(segments), cfg)
+    est = estimate(prof, list(segments), cfg, selective)
     plain = estimate(prof, [(0, n, False)], cfg)
     segs = tuple((s, e, c) for s, e, c in segments)
+    timed = device in prof.step_time_s and all(device in u.fwd_time_s for u in prof.units)
     return Plan(
         model=prof.model,
         objective=objective,
@@ -171,7 +208,8 @@ def make_plan(
         peak_bytes_without_checkpointing=plain.peak_bytes,
         breakdown=est.breakdown,
         breakdown_without_checkpointing=plain.breakdown,
-        recompute_flops=sum(u.flops for s, e, c in segs if c for u in prof.units[s:e]),
+        recompute_flops=sum(u.flops for s, e, c in segs if c for u in prof.units[s:e])
+        + sum(prof.units[i].sel_recompute_flops for i in selective),
         step_flops=prof.step_flops,
         solver_time_s=solver_time_s,
         max_segment_bytes=max_segment_bytes,
@@ -179,4 +217,15 @@ def make_plan(
         verified_peak_bytes=verified_peak_bytes,
         verify_time_s=verify_time_s,
         config=asdict(cfg),
+        selective=tuple(sorted(selective)),
+        cost_device=device if timed else "",
+        recompute_time_s=_recompute_seconds(prof, segs, selective, device) if timed else 0.0,
+        step_time_s=prof.step_time_s.get(device, 0.0),
     )
+
+
+def _recompute_seconds(
+    prof: ModelProfile, segments: Sequence[Segment], selective: Sequence[int], device: str
+) -> float:
+    full = sum(u.fwd_time_s[device] for s, e, c in segments if c for u in prof.units[s:e])
+    return full + sum(prof.units[i].sel_recompute_time_s[device] for i in selective)

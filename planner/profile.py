@@ -36,12 +36,11 @@ import json
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -49,6 +48,8 @@ from torch.utils._pytree import tree_leaves
 
 from kitcore import DTYPES, FsdpkitError, ModelSpec
 
+from ._meta import cast_inputs, fused_attention_on_meta
+from .opcost import OpCosts
 from .tracker import LiveMemory, storage_key, tensor_storages
 
 __all__ = ["DTYPES", "ModelProfile", "UnitProfile", "emulate_mixed_precision", "profile_model"]
@@ -74,11 +75,42 @@ class UnitProfile:
     param_numel: int = 0
     input_held_until: int = -1
     later_output_bytes: int = 0
+    sel_saved_bytes: int | None = None
+    sel_saves_output_bytes: int = 0
+    sel_recomputed_bytes: int = 0
+    sel_recompute_flops: int = 0
+    fwd_time_s: Mapping[str, float] = field(default_factory=dict)
+    sel_recompute_time_s: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def activation_bytes(self) -> int:
         """Bytes this unit keeps for backward in a plain step (its saves, its input if kept)."""
         return self.saved_bytes + self.saves_input_bytes
+
+    @property
+    def has_selective(self) -> bool:
+        """Whether the profile measured this unit under op-level selective checkpointing."""
+        return self.sel_saved_bytes is not None
+
+    def selective(self) -> UnitProfile:
+        """This unit run under op-level selective checkpointing, as the memory model sees a
+        plain unit: it keeps its whole input (checkpointing saves it) and the outputs of its
+        kept operators (``sel_saved_bytes``, ``sel_saves_output_bytes`` of its output); its
+        backward first recomputes the rest (``sel_recomputed_bytes`` more, live through its
+        backward); the recomputation's peak is the forward's less what the cache already
+        holds."""
+        if self.sel_saved_bytes is None:
+            raise FsdpkitError(f"unit {self.name}: profiled without selective checkpointing")
+        return replace(
+            self,
+            saved_bytes=self.sel_saved_bytes,
+            saves_input_bytes=self.input_bytes,
+            saves_output_bytes=self.sel_saves_output_bytes,
+            bwd_peak_bytes=max(
+                self.bwd_peak_bytes + self.sel_recomputed_bytes,
+                self.fwd_peak_bytes - self.sel_saved_bytes - self.sel_saves_output_bytes,
+            ),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +122,8 @@ class ModelProfile:
     last unit (pooling, heads, loss): ``tail_saved_bytes`` kept for backward,
     ``tail_saves_input_bytes`` of the last unit's output, forward/backward peaks above start.
     ``step_flops``: forward + backward FLOPs of the step. ``measured_peak_bytes``: the peak
-    of the profiled plain step itself (a self-check for the memory model). ``loss_bytes``:
+    of the profiled plain step itself (a self-check for the memory model). ``step_time_s``: the
+    step's roofline time (seconds) per device of :data:`planner.devices.GPUS`. ``loss_bytes``:
     the loss tensor, alive through backward with its gradient (``torch.autograd.backward``
     holds both until it returns). ``bn_param_numel``: BatchNorm parameters (FP32 in every
     mode; how FSDP places them is :class:`~planner.memory.MemoryConfig`'s ``batchnorm``).
@@ -122,6 +155,7 @@ class ModelProfile:
     loss_bytes: int = 0
     bn_param_numel: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    step_time_s: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def unit_names(self) -> list[str]:
@@ -219,7 +253,12 @@ class _Trace:
         self._start = self._flops_at = 0
         self._bwd_unit = n  # unit whose backward runs now; n = the tail
         self.held_until = [-1] * n
+        self.on_forward_done = None
         self._input_refs: list[list[weakref.ref]] = [[] for _ in range(n)]
+
+    def forward_unit(self) -> int | None:
+        """The unit whose forward is running, or None."""
+        return self.current if isinstance(self.current, int) else None
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         st = t.untyped_storage()
@@ -312,6 +351,8 @@ class _Trace:
                 if not grad:
                     return self.t.flops
                 loss = spec.training_loss(out)
+                if self.on_forward_done is not None:
+                    self.on_forward_done()
                 self.loss_bytes = sum(st.nbytes() for st in tensor_storages(loss))
                 self.tail_fwd_peak = self.t.window_peak - self._start
                 del out
@@ -324,41 +365,31 @@ class _Trace:
                 h.remove()
 
 
-@contextlib.contextmanager
-def _fused_attention_on_meta():
-    """On meta, ``scaled_dot_product_attention`` has no fused kernel to pick and falls back to
-    the math path, which saves the (T × T) attention matrix; real devices run a fused
-    (flash-style) kernel that saves only the output and the log-sum-exp. Route meta calls to
-    the fused CPU kernel, whose saved tensors match what real devices keep."""
-    original = F.scaled_dot_product_attention
-
-    def routed(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        # A mask that needs a gradient (Swin's position bias) rules the fused kernel out on
-        # real devices too: those calls take the math path there as here.
-        mask_grad = isinstance(attn_mask, torch.Tensor) and attn_mask.requires_grad
-        if q.is_meta and not kw.get("enable_gqa", False) and not mask_grad:
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale
-            )[0]
-        return original(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, **kw)
-
-    F.scaled_dot_product_attention = routed
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
-def _cast_inputs(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, list | tuple):
-        return type(obj)(_cast_inputs(o, dtype) for o in obj)
-    return obj
-
-
 def _sum(d: Mapping[int, int], keys=None) -> int:
     return sum(v for k, v in d.items() if keys is None or k in keys)
+
+
+def _selective_terms(
+    saved: dict[int, int], ins: dict[int, int], outs: dict[int, int], costs: OpCosts, i: int
+) -> dict[str, Any]:
+    """UnitProfile fields of unit ``i`` under op-level selective checkpointing (see
+    :meth:`UnitProfile.selective`): kept operators' outputs held to backward, and what its
+    backward recomputes (plain saves not kept, its own output among them)."""
+    kept, boundary = costs.kept[i], ins.keys() | outs.keys()
+    own_out = outs.keys() - ins.keys()
+    if costs.unsafe[i]:
+        return {"fwd_time_s": costs.fwd_time[i]}
+    return {
+        "sel_saved_bytes": _sum({k: v for k, v in kept.items() if k not in boundary})
+        + costs.kept_dead[i],
+        "sel_saves_output_bytes": _sum(kept, own_out),
+        "sel_recomputed_bytes": _sum(
+            {k: v for k, v in saved.items() if k not in kept and k not in ins}
+        ),
+        "sel_recompute_flops": costs.sel_flops[i],
+        "fwd_time_s": costs.fwd_time[i],
+        "sel_recompute_time_s": costs.sel_time[i],
+    }
 
 
 def profile_model(
@@ -378,7 +409,7 @@ def profile_model(
     device = torch.device(device)
     model = emulate_mixed_precision(spec.build_model(device).train(), DTYPES[dtype])
     units = spec.named_units(model)
-    inputs = _cast_inputs(spec.example_input(batch_size, device), DTYPES[dtype])
+    inputs = cast_inputs(spec.example_input(batch_size, device), DTYPES[dtype])
     static = [*model.parameters(), *model.buffers(), *tree_leaves(inputs)]
     excluded = {storage_key(s) for s in tensor_storages(static)}
     tracker = LiveMemory()
@@ -386,11 +417,15 @@ def profile_model(
     static_bytes = tracker.live
 
     plain = _Trace(tracker, len(units), excluded)
+    costs = OpCosts(len(units), dtype, plain.forward_unit, excluded)
+    tracker.on_op = costs
+    plain.on_forward_done = costs.finish_forward
     nograd = _Trace(LiveMemory(), len(units), excluded)
     nograd.t.register(static)
-    with _fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext():
+    with fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext():
         step_flops = plain.run(spec, model, units, inputs, grad=True)
         nograd.run(spec, model, units, inputs, grad=False)
+    tracker.on_op = None
     model.zero_grad(set_to_none=True)
 
     in_units = {id(p) for _, u in units for p in u.parameters()}
@@ -415,6 +450,7 @@ def profile_model(
                 param_bytes=sum(p.nbytes for p in unit.parameters()),
                 param_numel=sum(p.numel() for p in unit.parameters()),
                 input_held_until=nograd.held_until[i],
+                **_selective_terms(saved, ins, outs, costs, i),
             )
         )
     last_out = plain.outputs[-1].keys()
@@ -445,5 +481,6 @@ def profile_model(
         bn_param_numel=sum(
             p.numel() for m in model.modules() if isinstance(m, _BN) for p in m.parameters()
         ),
+        step_time_s=costs.step_time,
     )
     return prof

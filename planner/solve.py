@@ -22,6 +22,7 @@ from itertools import accumulate
 
 from kitcore import FsdpkitError
 
+from .devices import DEFAULT_GPU, get_device
 from .memory import (
     MemoryConfig,
     Segment,
@@ -36,16 +37,20 @@ from .plan import Plan, make_plan
 from .profile import ModelProfile
 
 __all__ = [
+    "GRANULARITIES",
     "OBJECTIVES",
+    "UnitCosts",
     "minmax_partition",
     "plan_checkpoints",
     "solve_minmax",
     "solve_recompute",
+    "solve_selective",
     "sqrt_segments",
     "world_size_needed",
 ]
 
 OBJECTIVES = ("recompute", "minmax")
+GRANULARITIES = ("op", "unit")
 
 
 def minmax_partition(m: Sequence[int], parts: int) -> tuple[list[tuple[int, int]], int]:
@@ -107,71 +112,164 @@ def solve_minmax(
 def solve_recompute(
     prof: ModelProfile, cfg: MemoryConfig, budget_bytes: int
 ) -> list[Segment] | None:
-    """The fewest recomputed FLOPs whose predicted peak is ≤ ``budget_bytes``; None if no
-    segmentation fits."""
+    """The fewest recomputed FLOPs whose predicted peak is ≤ ``budget_bytes`` over whole-unit
+    segments; None if no segmentation fits."""
+    found = _solve(prof, cfg, budget_bytes, UnitCosts.flops(prof), selective=False)
+    return None if found is None else found[0]
+
+
+def solve_selective(
+    prof: ModelProfile,
+    cfg: MemoryConfig,
+    budget_bytes: int,
+    costs: UnitCosts,
+    *,
+    selective: bool = True,
+) -> tuple[list[Segment], list[int]] | None:
+    """The least recomputation cost (``costs``: seconds or FLOPs per unit) whose predicted peak
+    is ≤ ``budget_bytes``, each unit kept, under op-level selective checkpointing (when
+    ``selective`` and profiled) or inside a checkpointed segment. Returns ``(segments,
+    selective units)``; None if nothing fits."""
+    return _solve(prof, cfg, budget_bytes, costs, selective=selective)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnitCosts:
+    """What recomputing each unit costs: ``full[i]`` inside a checkpointed segment, ``sel[i]``
+    under selective checkpointing (None: unavailable), in ``unit`` (``"s"`` or ``"FLOPs"``)."""
+
+    full: tuple[float, ...]
+    sel: tuple[float | None, ...]
+    unit: str
+
+    @classmethod
+    def flops(cls, prof: ModelProfile) -> UnitCosts:
+        sel = tuple(u.sel_recompute_flops if u.has_selective else None for u in prof.units)
+        return cls(tuple(float(u.flops) for u in prof.units), sel, "FLOPs")
+
+    @classmethod
+    def roofline(cls, prof: ModelProfile, device: str) -> UnitCosts:
+        """Roofline seconds on ``device``; FLOPs where the profile has no times (old JSON)."""
+        if any(device not in u.fwd_time_s for u in prof.units):
+            return cls.flops(prof)
+        sel = tuple(u.sel_recompute_time_s[device] if u.has_selective else None for u in prof.units)
+        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel, "s")
+
+    def of(self, segments: Sequence[Segment], selective: Sequence[int]) -> float:
+        full = sum(self.full[i] for s, e, c in segments if c for i in range(s, e))
+        return full + sum(self.sel[i] or 0.0 for i in selective)
+
+
+# A unit's mode in the programme: None (no unit before), False (kept), True (checkpointed
+# segment), SEL (plain, under op-level selective checkpointing).
+SEL = "sel"
+
+
+def _solve(
+    prof: ModelProfile, cfg: MemoryConfig, budget_bytes: int, costs: UnitCosts, selective: bool
+) -> tuple[list[Segment], list[int]] | None:
     n = len(prof.units)
     statics = _Statics(prof, cfg)
     if sum(statics.fwd(0).values()) + prof.pre_peak_bytes > budget_bytes:
         return None  # the work before unit 0 alone does not fit
-    flops = [0, *accumulate(u.flops for u in prof.units)]
-    # front[(pos, prev_type)] = list of (stored_bytes, recompute_flops, back-pointer)
-    Entry = tuple[int, int, tuple | None]
-    fronts: dict[tuple[int, bool | None], list[Entry]] = {
-        (0, None): [(prof.pre_saved_bytes, 0, None)]
-    }
-    cache: dict[tuple[int, int, bool, bool | None], tuple[int, int]] = {}
+    base = list(prof.units)
+    views = [u.selective() if selective and u.has_selective else None for u in base]
+    full = [0.0, *accumulate(costs.full)]
+    # front[(pos, prev_mode)] = list of (stored_bytes, cost, back-pointer)
+    Entry = tuple[int, float, tuple | None]
+    fronts: dict[tuple[int, object], list[Entry]] = {(0, None): [(prof.pre_saved_bytes, 0, None)]}
+    cache: dict[tuple, tuple[int, int]] = {}
 
-    def cost(s: int, e: int, c: bool, prev: bool | None) -> tuple[int, int]:
-        key = (s, e, c, prev)
+    def units_for(s: int, prev: object, sel: bool) -> list:
+        u = base
+        if prev == SEL or sel:
+            u = list(base)
+            if prev == SEL:
+                u[s - 1] = views[s - 1]
+            if sel:
+                u[s] = views[s]
+        return u
+
+    def seg_cost(s: int, e: int, c: bool, prev: object, sel: bool) -> tuple[int, int]:
+        key = (s, e, c, prev, sel)
         if key not in cache:
-            stored, events = segment_events(prof, statics, s, e, c, prev)
+            stored, events = segment_events(
+                prof, statics, s, e, c, (False if prev == SEL else prev), units_for(s, prev, sel)
+            )
             cache[key] = (sum(stored), max(ev.static_total + ev.local for ev in events))
         return cache[key]
 
+    quantum = max(1, budget_bytes // _BUCKETS)
+
+    def extend(front: list, s: int, e: int, c: bool, prev: object, sel: bool) -> None:
+        stored, need = seg_cost(s, e, c, prev, sel)
+        extra = full[e] - full[s] if c else (costs.sel[s] or 0.0) if sel else 0.0
+        target = fronts.setdefault((e, SEL if sel else c), [])
+        for prefix, rec, bp in front:
+            if prefix + need > budget_bytes:
+                break  # fronts are sorted by stored bytes
+            target.append((prefix + stored, rec + extra, ((s, e, c, sel), bp)))
+
     for s in range(n):
-        for prev in (None, False, True):
+        for prev in (None, False, True, SEL):
+            if (s, prev) in fronts:
+                fronts[(s, prev)] = _pareto(fronts[(s, prev)], quantum)
+        merged: list = []
+        for prev in (None, False, True, SEL):
             front = fronts.get((s, prev))
             if not front:
                 continue
+            merged += front
             # A plain segment longer than one unit equals a run of one-unit plain segments.
-            moves = [(s + 1, False)] + [(e, True) for e in range(s + 1, n + 1)]
-            for e, c in moves:
-                stored, need = cost(s, e, c, prev)
-                extra = flops[e] - flops[s] if c else 0
-                for prefix, rec, bp in front:
-                    if prefix + need > budget_bytes:
-                        break  # fronts are sorted by stored bytes
-                    fronts.setdefault((e, c), []).append(
-                        (prefix + stored, rec + extra, ((s, e, c), bp))
-                    )
-            for key in {(s + 1, False), *((e, True) for e in range(s + 1, n + 1))}:
-                if key in fronts:
-                    fronts[key] = _pareto(fronts[key])
-    best: tuple[int, tuple] | None = None
-    for last in (False, True):
-        for prefix, rec, bp in fronts.get((n, last), []):
-            _, events = tail_events(prof, statics, last)
-            if prefix + max(ev.static_total + ev.local for ev in events) > budget_bytes:
-                continue
-            if best is None or rec < best[0]:
+            extend(front, s, s + 1, False, prev, False)
+            if views[s] is not None:
+                extend(front, s, s + 1, False, prev, True)
+        # A checkpointed segment saves its input whatever came before: one pass for all modes.
+        merged = _pareto(merged, quantum)
+        for e in range(s + 1, n + 1):
+            extend(merged, s, e, True, None, False)
+    best: tuple[float, tuple] | None = None
+    for last in (False, True, SEL):
+        entries = _pareto(fronts.get((n, last), []), quantum)
+        if not entries:
+            continue
+        tail_units = units_for(n, last, False) if last == SEL else base
+        _, events = tail_events(prof, statics, last is True, tail_units)
+        need = max(ev.static_total + ev.local for ev in events)
+        for prefix, rec, bp in entries:
+            if prefix + need <= budget_bytes and (best is None or rec < best[0]):
                 best = (rec, bp)
     if best is None:
         return None
     segments: list[Segment] = []
+    chosen: list[int] = []
     bp = best[1]
     while bp is not None:
-        segments.append(bp[0])
-        bp = bp[1]
-    return normalize_segments(segments[::-1], n)
+        (s, e, c, sel), bp = bp
+        segments.append((s, e, c))
+        if sel:
+            chosen.append(s)
+    return normalize_segments(segments[::-1], n), sorted(chosen)
 
 
-def _pareto(entries: list) -> list:
+# Fronts keep at most two entries per 1/_BUCKETS of the budget (the least stored bytes, the
+# least cost): bytes stay exact, the cost is optimal up to plans that differ by less than that.
+_BUCKETS = 512
+
+
+def _pareto(entries: list, quantum: int = 1) -> list:
+    """Entries not dominated in (stored bytes, cost); per ``quantum`` of stored bytes the
+    first (fewest bytes) and the cheapest."""
     entries.sort(key=lambda x: (x[0], x[1]))
-    out, best_rec = [], math.inf
+    out, best_rec, bucket = [], math.inf, -1
     for entry in entries:
         if entry[1] < best_rec:
-            out.append(entry)
-            best_rec = entry[1]
+            b = entry[0] // quantum
+            if b == bucket and len(out) >= 2 and out[-2][0] // quantum == b:
+                out[-1] = entry  # the bucket's cheapest so far
+            else:
+                out.append(entry)
+            bucket, best_rec = b, entry[1]
     return out
 
 
@@ -189,14 +287,23 @@ def plan_checkpoints(
     *,
     objective: str = "recompute",
     segments: int | None = None,
-    verify: Callable[[Sequence[Segment]], int] | None = None,
+    verify: Callable[..., int] | None = None,
     max_rounds: int = 8,
+    granularity: str = "op",
+    device: str = DEFAULT_GPU,
 ) -> Plan:
     """Solve for a plan under ``budget_bytes`` per rank.
 
+    ``objective="recompute"`` minimises recomputation time: the roofline on ``device``
+    (:mod:`planner.devices`; FLOPs for a profile without operator costs). ``granularity``:
+    ``"op"`` chooses per unit among kept, op-level selective checkpointing and a checkpointed
+    segment; ``"unit"`` only among whole-unit segments (the search before selective
+    checkpointing, for comparison).
+
     The solver's programme leaves out one forward-only term (unit inputs the model's code holds,
     :func:`planner.memory.held_input_bytes`), so the chosen plan is replayed with
-    :func:`~planner.memory.estimate`; ``verify(segments) -> peak bytes`` (e.g. a tracker run,
+    :func:`~planner.memory.estimate`; ``verify(segments, selective) -> peak bytes`` (e.g. a
+    tracker run,
     :func:`planner.oracle.tracker_verifier`) then checks it. While either exceeds the budget,
     the solver runs again with the budget lowered by the excess (at most ``max_rounds``
     times), so a plan reported as fitting fits both. ``Plan.verified_peak_bytes`` and
@@ -209,41 +316,55 @@ def plan_checkpoints(
     """
     if objective not in OBJECTIVES:
         raise FsdpkitError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    if granularity not in GRANULARITIES:
+        raise FsdpkitError(
+            f"unknown granularity {granularity!r}; choose from {', '.join(GRANULARITIES)}"
+        )
+    get_device(device)
+    costs = UnitCosts.roofline(prof, device)
     floor = static_floor_bytes(prof, cfg)
     if floor > budget_bytes:
         raise FsdpkitError(_static_message(prof, cfg, floor, budget_bytes))
     t0 = time.perf_counter()
-    largest = None
+    largest, sel = None, []
+    op_level = granularity == "op"
+
+    def solve(budget: int):
+        return solve_selective(prof, cfg, budget, costs, selective=op_level)
+
     if segments is not None or objective == "minmax":
         segs, largest = solve_minmax(prof, cfg, budget_bytes, segments)
         name = f"minmax (S={len(segs)})"
     else:
-        segs = solve_recompute(prof, cfg, budget_bytes)
+        found = solve(budget_bytes)
         name = "recompute"
-        if segs is None:
+        if found is None:
             n = len(prof.units)
             segs = [(i, i + 1, True) for i in range(n - 1)] + [(n - 1, n, False)]
+        else:
+            segs, sel = found
     target, rounds, verify_s, measured = budget_bytes, 0, 0.0, None
     while True:
-        worst = estimate(prof, segs, cfg).peak_bytes
+        worst = estimate(prof, segs, cfg, sel).peak_bytes
         measured = None
         if verify is not None and worst <= budget_bytes:
             t1 = time.perf_counter()
-            measured = int(verify(segs))
+            measured = int(verify(segs, sel))
             verify_s += time.perf_counter() - t1
             worst = max(worst, measured)
         if worst <= budget_bytes or name != "recompute" or rounds >= max_rounds:
             break
         target -= worst - budget_bytes  # tighten by the excess and solve again
-        tighter = solve_recompute(prof, cfg, target)
+        tighter = solve(target)
         if tighter is None:
             break
-        segs, rounds = tighter, rounds + 1
+        (segs, sel), rounds = tighter, rounds + 1
     notes = [f"re-planned {rounds} time(s) to fit the replay or the check"] if rounds else []
     return make_plan(
         prof, segs, cfg, budget_bytes=budget_bytes, objective=name,
         solver_time_s=time.perf_counter() - t0 - verify_s, max_segment_bytes=largest,
-        verified_peak_bytes=measured, verify_time_s=verify_s, notes=notes,
+        verified_peak_bytes=measured, verify_time_s=verify_s, notes=notes, selective=sel,
+        device=device,
     )  # fmt: skip
 
 

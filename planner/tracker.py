@@ -40,9 +40,10 @@ def storage_key(st: torch.UntypedStorage) -> int:
 class LiveMemory(TorchDispatchMode):
     """Counts bytes of live tensor storages; ``peak`` since creation, ``window_peak`` since
     :meth:`reset_window`. ``on_update(live_bytes)`` (optional) is called after every change,
-    for timelines. ``flops`` counts FLOPs of the ops run under it with the per-op formulas of
-    ``torch.utils.flop_counter`` (as ``FlopCounterMode`` does, without decomposing the ops it
-    does not count, which makes it several times faster)."""
+    for timelines; ``on_op(func, args, kwargs, out, flops)`` (optional) after every operator,
+    for per-operator costs. ``flops`` counts FLOPs of the ops run under it with the per-op
+    formulas of ``torch.utils.flop_counter`` (as ``FlopCounterMode`` does, without decomposing
+    the ops it does not count, which makes it several times faster)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -51,6 +52,7 @@ class LiveMemory(TorchDispatchMode):
         self.peak = 0
         self.window_peak = 0
         self.on_update = None
+        self.on_op = None  # on_op(func, args, kwargs, out, flops): per-operator costs
         self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
     def register(self, tensors: Iterable[Any]) -> None:
@@ -90,8 +92,10 @@ class LiveMemory(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         count = flop_registry.get(func._overloadpacket)
-        if count is not None:
-            self.flops += count(*args, **kwargs, out_val=out)
+        flops = count(*args, **kwargs, out_val=out) if count is not None else 0
+        self.flops += flops
+        if self.on_op is not None:
+            self.on_op(func, args, kwargs, out, flops)
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._add(t.untyped_storage())

@@ -12,8 +12,8 @@ B_LOCAL = 2  # images per rank
 
 
 class Plan:
-    def __init__(self, units, segments):
-        self.units, self.segments = units, segments
+    def __init__(self, units, segments, selective=()):
+        self.units, self.segments, self.selective = units, segments, selective
 
 
 def _full(t):
@@ -66,10 +66,11 @@ def _skew_grads(model, rank, factor):
                 _local(p.grad).mul_(factor)
 
 
-def sharded_matches_single(segments, steps=5, policy_kw=None, skew=None):
-    """FSDP (+ SyncBN, + plan) on this rank's slice vs one process on the whole batch, both in
-    float64. ``skew=(rank, factor)`` scales one rank's sharded gradients after backward (a
-    planted bug, to show the tolerance catches it)."""
+def sharded_matches_single(segments, steps=5, policy_kw=None, skew=None, selective=()):
+    """FSDP (+ SyncBN, + plan; ``selective`` units under op-level selective checkpointing) on
+    this rank's slice vs one process on the whole batch, both in float64: parameters and
+    BatchNorm running statistics. ``skew=(rank, factor)`` scales one rank's sharded gradients
+    after backward (a planted bug, to show the tolerance catches it)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     spec = get_model_spec("tiny")
     torch.manual_seed(0)
@@ -78,7 +79,7 @@ def sharded_matches_single(segments, steps=5, policy_kw=None, skew=None):
     model.load_state_dict(ref.state_dict())
     names = tuple(n for n, _ in spec.named_units(model))
     policy = FSDPPolicy(fp32_modules=("head", "prototypes"), **FP64, **(policy_kw or {}))
-    parallelize(model, plan=Plan(names, segments), policy=policy)
+    parallelize(model, plan=Plan(names, segments, selective), policy=policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
     losses, ref_losses, comm = [], [], []
@@ -102,7 +103,8 @@ def sharded_matches_single(segments, steps=5, policy_kw=None, skew=None):
         ref_losses.append(ref_loss.item())
     params = [_full(p) for p in model.parameters()]
     assert all(p.dtype == torch.float64 for p in params)
-    err = _max_rel_err(params, list(ref.parameters()))
+    buffers = [b.double() for b in model.buffers()]  # running statistics, batch counters
+    err = _max_rel_err(params + buffers, [*ref.parameters(), *(b.double() for b in ref.buffers())])
     return losses, ref_losses, err, comm, sharded_units(model)
 
 
@@ -263,7 +265,7 @@ def vit_profile_plan_train(steps=3):
         ref_opt.step()
         losses.append((total.item() / world, ref_loss.item()))
     err = _max_rel_err([_full(p) for p in model.parameters()], list(ref.parameters()))
-    return losses, err, [list(s) for s in plan.segments]
+    return losses, err, plan.choices()
 
 
 def replicated_bn_grads_after_meta_init():

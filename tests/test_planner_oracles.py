@@ -40,6 +40,11 @@ CORPUS = {
     "hf-resnet": (om.HF_SPECS["resnet"], (2, 3)),
     "hf-vit": (om.HF_SPECS["vit"], (2, 3)),
 }
+# A selective unit's backward is modelled with everything it recomputes alive at once, on top
+# of the plain backward's peak. Torch recomputes at the first use of a saved tensor, which in a
+# Swin block comes after the first gradients are formed and freed: up to +5.7% there
+# (everything recomputed, batch 2), within 3% on every other model of the corpus.
+SELECTIVE_TOLERANCE = {"hf-swin": 0.06}
 # derandomized: every machine draws the same cases, so CI means the same everywhere
 FEW = settings(
     max_examples=3, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck)
@@ -65,9 +70,9 @@ def segmentations(draw, n: int):
     return [(a, b, f) for a, b, f in zip(bounds[:-1], bounds[1:], flags, strict=True)]
 
 
-def assert_within(predicted: int, measured: int, what: str) -> None:
+def assert_within(predicted: int, measured: int, what: str, tolerance=TOLERANCE) -> None:
     err = (predicted - measured) / measured
-    assert measured - SLACK <= predicted <= measured * (1 + TOLERANCE), (
+    assert measured - SLACK <= predicted <= measured * (1 + tolerance), (
         f"{what}: predicted {predicted} B, measured {measured} B ({err:+.3%})"
     )
 
@@ -76,12 +81,17 @@ def assert_within(predicted: int, measured: int, what: str) -> None:
 @FEW
 @given(data=st.data())
 def test_one_process_prediction_matches_memtracker(name, data):
+    """Drawn: batch, segmentation, and which units of the plain segments run under op-level
+    selective checkpointing."""
     batch = data.draw(st.sampled_from(CORPUS[name][1]), label="batch")
     prof = _profile(name, batch)
     segs = data.draw(segmentations(len(prof.units)), label="segments")
-    predicted = estimate(prof, segs, MemoryConfig()).peak_bytes
-    measured = memtracker_peak(_spec(name), batch, segs)
-    assert_within(predicted, measured, f"{name} batch {batch} {segs}")
+    plain = [i for s, e, c in segs if not c for i in range(s, e) if prof.units[i].has_selective]
+    sel = sorted(data.draw(st.sets(st.sampled_from(plain)) if plain else st.just(set()), "sel"))
+    predicted = estimate(prof, segs, MemoryConfig(), sel).peak_bytes
+    measured = memtracker_peak(_spec(name), batch, segs, selective=sel)
+    tolerance = SELECTIVE_TOLERANCE.get(name, TOLERANCE) if sel else TOLERANCE
+    assert_within(predicted, measured, f"{name} batch {batch} {segs} selective {sel}", tolerance)
 
 
 @pytest.mark.parametrize("name", ["toy-vit", "hf-regnet", "hf-convnext"])
@@ -99,9 +109,10 @@ def test_a_plan_that_fits_fits_under_memtracker(name):
         if not plan.fits:
             continue
         fitted += 1
-        measured = memtracker_peak(_spec(name), 2, plan.segments)
+        measured = memtracker_peak(_spec(name), 2, plan.segments, selective=plan.selective)
         assert measured <= plan.budget_bytes, (plan.segments, measured, plan.budget_bytes)
-        assert_within(plan.peak_bytes, measured, f"{name} plan {plan.segments}")
+        what = f"{name} plan {plan.segments} selective {plan.selective}"
+        assert_within(plan.peak_bytes, measured, what, SELECTIVE_TOLERANCE.get(name, TOLERANCE))
     assert fitted, "no budget between the floor and the plain peak had a plan that fits"
 
 

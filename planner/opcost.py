@@ -1,0 +1,95 @@
+"""Per-operator costs of a profiled step: roofline time per named device, and what op-level
+selective checkpointing would keep and recompute in each unit.
+
+:class:`OpCosts` listens to :class:`~planner.tracker.LiveMemory` (``on_op``) during the
+profiled step. Each operator's bytes moved are its tensor arguments' bytes plus its outputs'
+(views move nothing); its time on each device in :data:`planner.devices.GPUS` is the roofline
+of :func:`planner.devices.roofline_seconds`. Per unit, in forward: the outputs of the kept
+operators (:func:`kitcore.selective.is_kept_op`), which selective checkpointing holds until
+backward, and the FLOPs and time of the rest, which it runs again there; and whether its
+code mutates a kept output in place in a way recomputation would repeat (``unsafe``: the unit
+is then not offered selective checkpointing, see :data:`kitcore.selective.IDEMPOTENT_INPLACE`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from kitcore.selective import IDEMPOTENT_INPLACE, is_kept_op, mutates_first
+
+from .devices import GPUS, roofline_seconds
+from .tracker import storage_key
+
+__all__ = ["OpCosts"]
+
+
+def _bytes(obj: Any) -> int:
+    return sum(t.nbytes for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
+
+
+class OpCosts:
+    """Costs of one step's operators, by unit. ``unit()`` says which unit's forward is running
+    (an index) or None (work outside the units' forwards, and every backward)."""
+
+    def __init__(self, n: int, dtype: str, unit: Callable[[], int | None], excluded: set[int]):
+        self.dtype, self.unit, self.excluded = dtype, unit, excluded
+        self.step_time = dict.fromkeys(GPUS, 0.0)
+        self.fwd_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
+        self.sel_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
+        self.sel_flops = [0] * n
+        # Kept outputs alive when the forward ends (storage key -> bytes), and the bytes of
+        # those that died in the forward (the plain step keeps them for nothing; the cache
+        # holds them to backward). Keys of dead storages are reused by later ones: never mixed.
+        self.kept: list[dict[int, int]] = [{} for _ in range(n)]
+        self.kept_dead = [0] * n
+        self.forward_done = False
+        self._refs: list[weakref.ref] = []
+        self.unsafe = [False] * n  # a kept output mutated in place by a non-idempotent op
+
+    def __call__(self, func, args, kwargs, out, flops: int) -> None:
+        if func.is_view:
+            return  # an alias: no data moves
+        moved = _bytes((args, kwargs)) + _bytes(out)
+        times = {k: roofline_seconds(flops, moved, d, self.dtype) for k, d in GPUS.items()}
+        for k, t in times.items():
+            self.step_time[k] += t
+        i = self.unit()
+        if i is None:
+            return
+        for k, t in times.items():
+            self.fwd_time[i][k] += t
+        if (
+            mutates_first(func)
+            and isinstance(args[0], torch.Tensor)
+            and storage_key(args[0].untyped_storage()) in self.kept[i]
+            and func.overloadpacket.__name__ not in IDEMPOTENT_INPLACE
+        ):
+            self.unsafe[i] = True
+        if is_kept_op(func):
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    key = storage_key(st)
+                    if key not in self.excluded and key not in self.kept[i]:
+                        self.kept[i][key] = st.nbytes()
+                        self._refs.append(weakref.ref(st, self._died(i, key)))
+        else:
+            self.sel_flops[i] += flops
+            for k, t in times.items():
+                self.sel_time[i][k] += t
+
+    def finish_forward(self) -> None:
+        """The forward is over: storages that die from now on were kept to backward."""
+        self.forward_done = True
+
+    def _died(self, i: int, key: int):
+        def died(_ref: weakref.ref) -> None:
+            if not self.forward_done and key in self.kept[i]:
+                self.kept_dead[i] += self.kept[i].pop(key)
+
+        return died
