@@ -93,11 +93,14 @@ def comparison() -> list[dict]:
         segs, _ = solve_minmax(prof, cfg, budget)
         plans["paper min-max"] = make_plan(prof, segs, cfg, budget_bytes=budget,
                                            objective=f"min-max S={len(segs)}")  # fmt: skip
-        plans["ours (recompute)"] = plan_checkpoints(prof, budget, cfg)
+        plans["ours, whole units"] = plan_checkpoints(prof, budget, cfg, granularity="unit")
+        plans["ours, per unit incl. selective"] = plan_checkpoints(prof, budget, cfg)
         for name, p in plans.items():
             rows.append({"budget_gib": budget / GIB, "plan": name, "peak_bytes": p.peak_bytes,
                          "recompute_fraction": p.recompute_fraction, "fits": p.fits,
-                         "segments": [list(s) for s in p.segments]})  # fmt: skip
+                         "recompute_time_fraction": p.recompute_time_fraction,
+                         "segments": [list(s) for s in p.segments],
+                         "selective": list(p.selective)})  # fmt: skip
     return rows
 
 
@@ -112,11 +115,15 @@ def accuracy() -> list[dict]:
             plain = estimate(prof, [(0, n, False)], step).peak_bytes
             lowest = estimate(prof, [(i, i + 1, True) for i in range(n)], step).peak_bytes
             plan = plan_checkpoints(prof, (plain + lowest) // 2, step)
-            for label, segs in (("none", [(0, n, False)]), ("planned", list(plan.segments))):
-                predicted = estimate(prof, segs, step).peak_bytes
-                measured = measure_step(spec, batch, segs).peak_bytes
+            for label, segs, sel in (
+                ("none", [(0, n, False)], ()),
+                ("planned", list(plan.segments), plan.selective),
+            ):
+                predicted = estimate(prof, segs, step, sel).peak_bytes
+                measured = measure_step(spec, batch, segs, selective=sel).peak_bytes
                 rows.append({"model": name, "batch": batch, "plan": label,
-                             "segments": [list(s) for s in segs], "predicted_bytes": predicted,
+                             "segments": [list(s) for s in segs], "selective": list(sel),
+                             "predicted_bytes": predicted,
                              "measured_bytes": measured,
                              "error": (predicted - measured) / measured})  # fmt: skip
     return rows
@@ -137,11 +144,12 @@ def main() -> None:
     )
     rows = comparison()
     table = Table(title="regnet10b, batch 16, world size 8, fp16, SGD, 1 GiB overhead (predicted)")
-    for col in ("budget", "plan", "peak", "recompute", "fits"):
+    for col in ("budget", "plan", "peak", "recompute (FLOPs)", "(H100 roofline)", "fits"):
         table.add_column(col, justify="left" if col == "plan" else "right")
     for r in rows:
         table.add_row(f"{r['budget_gib']:.0f} GiB", r["plan"], f"{r['peak_bytes'] / GIB:.1f} GiB",
-                      f"{r['recompute_fraction']:.1%}", "yes" if r["fits"] else "no")  # fmt: skip
+                      f"{r['recompute_fraction']:.1%}", f"{r['recompute_time_fraction']:.1%}",
+                      "yes" if r["fits"] else "no")  # fmt: skip
     console.print(table)
     acc = [] if args.skip_accuracy else accuracy()
     if acc:
