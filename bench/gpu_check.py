@@ -1,11 +1,14 @@
 """Every GPU memory check the project has, in one run (<= 8 minutes on one GPU); writes JSON.
 
 Per model (rg8gf, rg32gf, a ``transformers`` RegNetY-400MF-shaped model) and per plan (no
-checkpointing; the planner's plan for a budget 30% below that peak): the predicted peak of
-one FP32 process (symbolic, on meta) against ``torch.cuda.max_memory_allocated`` and NVML's
-used memory over a real steady-state step (:func:`planner.measure_step`), plus
-``MemTracker``'s symbolic figure. Error = (predicted - measured) / measured; the planner's
-standard is [0, +3%] against the allocator.
+checkpointing; the planner's plans for a budget 30% of the way down from that peak to the
+static floor, with whole-unit segments and with op-level selective checkpointing): the
+predicted peak of one FP32 process (symbolic, on meta) against
+``torch.cuda.max_memory_allocated`` and NVML's used memory over a real steady-state step
+(:func:`planner.measure_step`), plus ``MemTracker``'s symbolic figure; and the measured step
+time (median of 5 after a warm-up) beside the plan's roofline recompute-time fraction, so the
+time model can be checked against the device. Error = (predicted - measured) / measured; the
+planner's standard is [0, +3%] against the allocator.
 
     python bench/gpu_check.py [--out bench/results/gpu_check.json] [--budget-s 480]
     python bench/gpu_check.py --dry-run     # no GPU: small models, real CPU tensors (tests)
@@ -14,6 +17,7 @@ standard is [0, +3%] against the allocator.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,9 +32,12 @@ from _report import report  # noqa: E402
 
 from fsdpkit import ModelSpec, get_model_spec  # noqa: E402
 from planner import MemoryConfig, estimate, measure_step, plan_checkpoints, profile_model  # noqa: E402
+from planner._wrapper import apply_checkpointing  # noqa: E402
+from planner.measure import sgd, training_step  # noqa: E402
 from planner.memory import static_floor_bytes  # noqa: E402
 from planner.oracle import memtracker_peak  # noqa: E402
 
+GPU_PRICE = "h100-80gb"  # the roofline the plans are priced on (H100 or H200 lent here)
 # (label, spec factory, batch): sized so that a step fits a 40 GiB GPU unplanned.
 GPU_CASES: list[tuple[str, Callable[[], ModelSpec], int]] = [
     ("rg8gf", lambda: get_model_spec("rg8gf"), 8),
@@ -63,30 +70,62 @@ def check_case(label: str, spec: ModelSpec, batch: int, device: str) -> list[dic
     n = len(prof.units)
     plain = estimate(prof, [(0, n, False)], cfg).peak_bytes
     floor = static_floor_bytes(prof, cfg)
-    plan = plan_checkpoints(prof, int(floor + 0.7 * (plain - floor)), cfg)
-    rows = []
-    for name, segs in (("no checkpointing", [(0, n, False)]), ("plan", list(plan.segments))):
-        predicted = estimate(prof, segs, cfg).peak_bytes
-        step = measure_step(spec, batch, segs, device=device)
+    budget = int(floor + 0.7 * (plain - floor))
+    units = plan_checkpoints(prof, budget, cfg, granularity="unit", device=GPU_PRICE)
+    op = plan_checkpoints(prof, budget, cfg, granularity="op", device=GPU_PRICE)
+    rows, cuda = [], device == "cuda"
+    for name, plan, segs, sel in (
+        ("no checkpointing", None, [(0, n, False)], ()),
+        ("plan, whole units", units, list(units.segments), ()),
+        ("plan, op-level", op, list(op.segments), op.selective),
+    ):
+        predicted = estimate(prof, segs, cfg, sel).peak_bytes
+        step = measure_step(spec, batch, segs, device=device, selective=sel)
         rows.append(
             {
                 "model": label,
                 "batch": batch,
                 "plan": name,
                 "segments": [list(s) for s in segs],
-                "budget_bytes": plan.budget_bytes if name == "plan" else None,
+                "selective": list(sel),
+                "budget_bytes": plan.budget_bytes if plan else None,
+                "recompute_time_fraction": plan.recompute_time_fraction if plan else 0.0,
+                "step_time_s": step_seconds(spec, batch, segs, sel, device, 5 if cuda else 1),
                 "predicted_bytes": predicted,
                 "measured_bytes": step.peak_bytes,
                 "measured_by": "max_memory_allocated" if device == "cuda" else "LiveMemory",
                 "nvml_used_bytes": step.extra.get("nvml_used_bytes"),
                 "max_reserved_bytes": step.extra.get("max_reserved_bytes"),
-                "memtracker_bytes": memtracker_peak(spec, batch, segs),
+                "memtracker_bytes": memtracker_peak(spec, batch, segs, selective=sel),
                 "error": (predicted - step.peak_bytes) / step.peak_bytes,
             }
         )
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def step_seconds(spec: ModelSpec, batch: int, segs, sel, device: str, steps: int = 5) -> float:
+    """Median wall time of a steady-state FP32 training step with the plan applied."""
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = spec.build_model(dev).train()
+    apply_checkpointing(spec, model, segs, sel)
+    step = training_step(spec, model, sgd(model, 1e-5), spec.example_input(batch, dev))
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        times.append(time.perf_counter() - t0)
+    del model, step
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(times)
 
 
 def run(cases, device: str, budget_s: float) -> dict:
@@ -107,7 +146,7 @@ def run(cases, device: str, budget_s: float) -> dict:
 def _table(data: dict) -> Table:
     table = Table(title=f"predicted vs measured peak ({data['device']})")
     for col in ("model", "batch", "plan", "predicted", "measured", "NVML used", "MemTracker",
-                "error"):  # fmt: skip
+                "error", "step s", "roofline recompute"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("model", "plan") else "right")
     mib = 2**20
     for r in data["rows"]:
@@ -115,7 +154,8 @@ def _table(data: dict) -> Table:
         table.add_row(r["model"], str(r["batch"]), r["plan"], f"{r['predicted_bytes'] / mib:.1f}",
                       f"{r['measured_bytes'] / mib:.1f}",
                       f"{nvml / mib:.0f}" if nvml is not None else "-",
-                      f"{r['memtracker_bytes'] / mib:.1f}", f"{r['error']:+.2%}")  # fmt: skip
+                      f"{r['memtracker_bytes'] / mib:.1f}", f"{r['error']:+.2%}",
+                      f"{r['step_time_s']:.3f}", f"{r['recompute_time_fraction']:.1%}")  # fmt: skip
     return table
 
 

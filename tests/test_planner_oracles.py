@@ -173,8 +173,11 @@ def test_gpu_check_dry_run_writes_its_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["device"] == "cpu" and not data["skipped"]
     assert [(r["model"], r["plan"]) for r in data["rows"]] == [
-        (m, p) for m in ("toy-vit", "hf-regnet") for p in ("no checkpointing", "plan")
+        (m, p)
+        for m in ("toy-vit", "hf-regnet")
+        for p in ("no checkpointing", "plan, whole units", "plan, op-level")
     ]
     for r in data["rows"]:
+        assert r["step_time_s"] > 0 and 0 <= r["recompute_time_fraction"] < 1
         assert_within(r["predicted_bytes"], r["measured_bytes"], r["model"])
         assert r["memtracker_bytes"] == r["measured_bytes"]
