@@ -40,6 +40,7 @@ def _train_config(a: argparse.Namespace) -> TrainConfig:
         batch_size=a.batch_size,
         dtype=a.dtype,
         memory_budget=parse_bytes(a.memory_budget) if a.memory_budget else None,
+        granularity=a.granularity,
         prefetch=a.prefetch,
         sync_bn_group=a.sync_bn_group,
         base_lr=a.lr,
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after N iterations")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--memory-budget", help="per-rank budget the plan must fit, e.g. 40GiB")
+    p.add_argument("--granularity", choices=["op", "unit"], default="op",
+                   help="op: per unit keep / selective / checkpointed segment; unit: whole "
+                   "units only (fewer Python-level operators on CPU)")  # fmt: skip
     p.add_argument("--plan", metavar="FILE",
                    help="train with a plan saved by `fsdpkit plan --save FILE` (checked "
                         "against this run: model, batch, dtype, world size, policy)")  # fmt: skip

@@ -41,6 +41,8 @@ class TrainConfig:
 
     batch_size: images per rank per step; dtype: ``fp32``, ``bf16`` or ``fp16`` (FP16 scales
     the loss); memory_budget: bytes per rank the plan must fit (None: no checkpointing);
+    granularity: ``"op"`` (per unit: kept, op-level selective checkpointing or a checkpointed
+    segment) or ``"unit"`` (whole-unit segments only), see :func:`planner.plan_checkpoints`;
     prefetch: units all-gathered ahead; sync_bn_group: ranks per SyncBatchNorm group (None:
     all ranks up to 8, SEER's node); freeze_prototypes_iters: iterations during which the
     prototypes receive no update.
@@ -51,6 +53,7 @@ class TrainConfig:
     dtype: str = "fp32"
     memory_budget: int | None = None
     objective: str = "recompute"
+    granularity: str = "op"
     prefetch: int = 1
     sync_bn_group: int | None = None
     base_lr: float = 0.3
@@ -98,7 +101,9 @@ def solve_plan(cfg: TrainConfig, world_size: int) -> Plan:
     profile = profile_model(get_model_spec(cfg.model), cfg.batch_size, dtype=cfg.dtype)
     mem = memory_config(cfg, world_size)
     budget = cfg.memory_budget if cfg.memory_budget is not None else 2**62
-    plan = plan_checkpoints(profile, budget, mem, objective=cfg.objective)
+    plan = plan_checkpoints(
+        profile, budget, mem, objective=cfg.objective, granularity=cfg.granularity
+    )
     if cfg.memory_budget is not None and not plan.fits:
         raise FsdpkitError(
             f"{cfg.model} at batch {cfg.batch_size} needs {plan.peak_bytes / 2**30:.2f} GiB per "
