@@ -76,10 +76,14 @@ def _worker(
     threads: int,
     results: mp.Queue,
     frozen: bool = False,
+    outputs: tuple[Any, Any] | None = None,
 ) -> None:
     _die_with_parent()
     if frozen:
         gc.freeze()  # inherited by fork: never collected (and destroyed) in this process
+    if outputs is not None:  # write where the caller's stdout/stderr go now (e.g. pytest's)
+        for target, fd in zip((1, 2), outputs, strict=True):
+            os.dup2(fd.detach(), target)
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -106,6 +110,24 @@ def _worker(
     results.put((rank, True, payload))
     dist.barrier()
     dist.destroy_process_group()
+
+
+class _CallerFd:
+    """The caller's file descriptor ``fd`` as it is when a rank is started, handed to a rank
+    that does not inherit it (spawn, forkserver: the server's descriptors are those of the
+    moment it started)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return (_identity, (reduction.DupFd(self.fd),))
+
+
+def _identity(x: Any) -> Any:
+    return x
 
 
 def _last_line(text: str) -> str:
@@ -201,6 +223,7 @@ def run_distributed(
                 threads_per_rank,
                 results,
                 method == "fork",
+                None if method == "fork" else (_CallerFd(1), _CallerFd(2)),
             ),
             name=f"rank{rank}",
         )

@@ -38,6 +38,13 @@ def sleep_forever(pid_dir: str) -> None:
     time.sleep(3600)
 
 
+def write_both() -> None:
+    import sys
+
+    print(f"rank {dist.get_rank()} out", flush=True)
+    print(f"rank {dist.get_rank()} err", file=sys.stderr, flush=True)
+
+
 SHARED_LOCK = threading.Lock()
 
 

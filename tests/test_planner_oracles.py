@@ -155,7 +155,9 @@ def test_verified_fsdp2_plan_fits_fsdp_memtracker(name, dtype):
     assert plan.verified_peak_bytes is not None and plan.verify_time_s > 0
     if plan.fits:
         segs = plan.segments
-        measured = fsdp_memtracker_peak(_spec(name), 2, segs, world_size=8, dtype=dtype)
+        measured = fsdp_memtracker_peak(
+            _spec(name), 2, segs, selective=plan.selective, world_size=8, dtype=dtype
+        )
         assert measured == plan.verified_peak_bytes <= plan.budget_bytes
 
 

@@ -12,6 +12,7 @@ from dist_fns import (
     sleep_forever,
     take_shared_lock,
     unpicklable_result,
+    write_both,
 )
 
 from fsdpkit.testing import DistributedTestError, RemoteTraceback, run_distributed
@@ -103,3 +104,13 @@ def test_unpicklable_result_is_an_error():
 def test_bad_world_size():
     with pytest.raises(ValueError, match="world_size"):
         run_distributed(all_reduce_rank, 0)
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_ranks_write_where_the_caller_writes_now(method, capfd):
+    # A fork server's descriptors are those of the moment it started (an earlier test's
+    # capture, under pytest): each rank gets the caller's current stdout and stderr instead.
+    run_distributed(write_both, 2, start_method=method)
+    out, err = capfd.readouterr()
+    assert "rank 0 out" in out and "rank 1 out" in out
+    assert "rank 0 err" in err and "rank 1 err" in err
