@@ -38,6 +38,7 @@ class OpCosts:
 
     def __init__(self, n: int, dtype: str, unit: Callable[[], int | None], excluded: set[int]):
         self.dtype, self.unit, self.excluded = dtype, unit, excluded
+        self._devices = list(GPUS.items())
         self.step_time = dict.fromkeys(GPUS, 0.0)
         self.fwd_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
         self.sel_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
@@ -55,14 +56,16 @@ class OpCosts:
         if func.is_view:
             return  # an alias: no data moves
         moved = _bytes((args, kwargs)) + _bytes(out)
-        times = {k: roofline_seconds(flops, moved, d, self.dtype) for k, d in GPUS.items()}
-        for k, t in times.items():
-            self.step_time[k] += t
+        times = [(k, roofline_seconds(flops, moved, d, self.dtype)) for k, d in self._devices]
+        step_time = self.step_time
+        for k, t in times:
+            step_time[k] += t
         i = self.unit()
         if i is None:
             return
-        for k, t in times.items():
-            self.fwd_time[i][k] += t
+        fwd = self.fwd_time[i]
+        for k, t in times:
+            fwd[k] += t
         if (
             mutates_first(func)
             and isinstance(args[0], torch.Tensor)
@@ -80,8 +83,9 @@ class OpCosts:
                         self._refs.append(weakref.ref(st, self._died(i, key)))
         else:
             self.sel_flops[i] += flops
-            for k, t in times.items():
-                self.sel_time[i][k] += t
+            sel = self.sel_time[i]
+            for k, t in times:
+                sel[k] += t
 
     def finish_forward(self) -> None:
         """The forward is over: storages that die from now on were kept to backward."""
