@@ -136,16 +136,15 @@ def solve_selective(
 @dataclasses.dataclass(frozen=True, slots=True)
 class UnitCosts:
     """What recomputing each unit costs: ``full[i]`` inside a checkpointed segment, ``sel[i]``
-    under selective checkpointing (None: unavailable), in ``unit`` (``"s"`` or ``"FLOPs"``)."""
+    under selective checkpointing (None: unavailable), in seconds or in FLOPs."""
 
     full: tuple[float, ...]
     sel: tuple[float | None, ...]
-    unit: str
 
     @classmethod
     def flops(cls, prof: ModelProfile) -> UnitCosts:
         sel = tuple(u.sel_recompute_flops if u.has_selective else None for u in prof.units)
-        return cls(tuple(float(u.flops) for u in prof.units), sel, "FLOPs")
+        return cls(tuple(float(u.flops) for u in prof.units), sel)
 
     @classmethod
     def roofline(cls, prof: ModelProfile, device: str) -> UnitCosts:
@@ -153,11 +152,7 @@ class UnitCosts:
         if any(device not in u.fwd_time_s for u in prof.units):
             return cls.flops(prof)
         sel = tuple(u.sel_recompute_time_s[device] if u.has_selective else None for u in prof.units)
-        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel, "s")
-
-    def of(self, segments: Sequence[Segment], selective: Sequence[int]) -> float:
-        full = sum(self.full[i] for s, e, c in segments if c for i in range(s, e))
-        return full + sum(self.sel[i] or 0.0 for i in selective)
+        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel)
 
 
 # A unit's mode in the programme: None (no unit before), False (kept), True (checkpointed
