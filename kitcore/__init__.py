@@ -2,13 +2,14 @@
 
 The user-facing errors, the model contract and registry (:class:`ModelSpec`,
 :func:`get_model_spec`, :func:`discover_units`), the FSDP policy object the wrapper applies and
-the planner reads (:class:`FSDPPolicy`), the one table of training dtypes, byte formatting and
-the console policy of every CLI. ``import kitcore`` loads torch, but no
+the planner reads (:class:`FSDPPolicy`), the one table of training dtypes, byte formatting, atomic
+file writes and the console policy of every CLI. ``import kitcore`` loads torch, but no
 ``torch.distributed.fsdp`` module.
 """
 
 from .console import run_command, stdout_console
 from .errors import FsdpkitError, ModelNotFoundError, ModelSpecError
+from .files import write_text_atomic
 from .policy import FSDPPolicy
 from .registry import (
     ENTRY_POINT_GROUP,
@@ -39,4 +40,5 @@ __all__ = [
     "parse_bytes",
     "run_command",
     "stdout_console",
+    "write_text_atomic",
 ]

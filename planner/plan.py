@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kitcore import FsdpkitError
+from kitcore import FsdpkitError, write_text_atomic
 
 from .devices import DEFAULT_GPU
 from .memory import MemoryConfig, Segment, estimate
@@ -160,7 +160,7 @@ class Plan:
             raise FsdpkitError(f"{origin}: not an fsdpkit plan ({type(e).__name__}: {e})") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -46,7 +46,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
-from kitcore import DTYPES, FsdpkitError, ModelSpec
+from kitcore import DTYPES, FsdpkitError, ModelSpec, write_text_atomic
 
 from ._meta import cast_inputs, fused_attention_on_meta
 from .opcost import OpCosts
@@ -204,7 +204,7 @@ class ModelProfile:
         )  # fmt: skip
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+        write_text_atomic(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> ModelProfile:

@@ -92,6 +92,7 @@ def _pretrain(a: argparse.Namespace) -> int:
         keep_last=a.keep_last, workers=a.workers, seed=a.seed, reslice=not a.no_reslice,
         photometric=PHOTOMETRIC_PRESETS[a.photometric], max_bad_steps=a.max_bad_steps,
         collective_timeout_s=a.collective_timeout or None,
+        first_step_timeout_s=a.first_step_timeout,
         save_every_minutes=a.save_every_minutes, async_save=a.async_save, plan=a.plan,
     )  # fmt: skip
     if a.log_every < 0:
@@ -226,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=300.0,
         help="seconds a rank may make no progress before the job fails naming it (0: wait forever)",
+    )
+    p.add_argument(
+        "--first-step-timeout",
+        type=float,
+        default=600.0,
+        help="the same deadline for the run's first step (start-up, first collectives), "
+        "when longer than --collective-timeout",
     )
     p.add_argument("--no-reslice", action="store_true", help="skip slicing the last checkpoint")
     p.add_argument("--log-every", type=int, default=0,

@@ -91,57 +91,94 @@ class Watchdog:
     ``timeout_s`` seconds, the job stops with one line naming the rank that is stuck.
 
     The loop calls :meth:`beat` at every step (and around long phases such as saves). A thread
-    publishes ``(step, phase, counter)`` to the job's rendezvous store every ``timeout_s / 6``
-    seconds; the counter advances while the process runs, so a stopped or dead rank (SIGSTOP,
-    a lost node) shows a frozen counter, and a rank that is alive but has not reached the
-    collective its peers wait in shows the lowest step. When the deadline passes, the first rank
-    to notice prints ``seer-train: error: rank R is stuck at step S (why): no progress for T s
-    ...`` on stderr and every rank that notices exits with status 3 (under ``torchrun
-    --max-restarts`` the agent then restarts the group, which resumes from the newest complete
-    checkpoint).
+    publishes ``(step, phase, counter)`` to the job's rendezvous store at once when the step
+    changes and otherwise every ``timeout_s / 6`` seconds; the counter advances while the
+    process runs, so a stopped or dead rank (SIGSTOP, a lost node) shows a frozen counter, and a
+    rank that is alive but has not reached the collective its peers wait in shows the lowest
+    step. When the deadline passes, the first rank to notice prints ``seer-train: error: rank R
+    is stuck at step S (why): no progress for T s ...`` on stderr and every rank that notices
+    exits with status 3 (under ``torchrun --max-restarts`` the agent then restarts the group,
+    which resumes from the newest complete checkpoint).
 
-    Cost: one store write per rank every ``timeout_s / 6`` s, from a background thread.
+    The run's first step (lazy initialisation, the first all-gathers, compilation, a resumed
+    run's first reads) is held to ``first_step_timeout_s`` instead, when that is longer, so a
+    tight ``timeout_s`` bounds the steady state without failing a slow start (torchtitan
+    separates its init and train timeouts for the same reason).
+
+    Cost: one store write per rank per step, at most every ``timeout_s / 24`` s, and one every
+    ``timeout_s / 6`` s while a step lasts longer, from a background thread.
     """
 
     EXIT_CODE = 3
 
-    def __init__(self, timeout_s: float, rank: int, world_size: int, prefix: str = "") -> None:
+    def __init__(
+        self,
+        timeout_s: float,
+        rank: int,
+        world_size: int,
+        prefix: str = "",
+        first_step_timeout_s: float | None = None,
+    ) -> None:
         self.timeout_s = timeout_s
+        self.first_step_timeout_s = max(first_step_timeout_s or 0.0, timeout_s)
         self.rank, self.world = rank, world_size
         self._store = dist.PrefixStore(
             f"watchdog{prefix}/", dist.distributed_c10d._get_default_store()
         )
         self._progress = (0, "start", time.monotonic())  # (step, phase, when)
+        self._first: int | None = None  # the first step this run computes
         self._stop = threading.Event()
+        self._news = threading.Event()  # a new step to publish now
         self._seen: dict[int, tuple[str, float, bool]] = {}
         self._thread = threading.Thread(target=self._run, name="seer-watchdog", daemon=True)
         self._thread.start()
 
     def beat(self, step: int, phase: str = "step") -> None:
         """This rank is alive and at ``step`` (1-based, the step being computed) in ``phase``."""
+        if self._first is None:
+            self._first = step
+        news = step != self._progress[0]
         self._progress = (step, phase, time.monotonic())
+        if news:
+            self._news.set()
 
     def close(self) -> None:
         self._stop.set()
+        self._news.set()
         self._thread.join()
+
+    def _limit(self, step: int) -> tuple[float, str]:
+        """The deadline that applies at ``step`` and the flag that sets it."""
+        first = self._first is None or step == self._first
+        if first and self.first_step_timeout_s > self.timeout_s:
+            return self.first_step_timeout_s, "--first-step-timeout"
+        return self.timeout_s, "--collective-timeout"
 
     def _run(self) -> None:
         interval = max(self.timeout_s / 6, 0.05)
         counter = 0
-        while not self._stop.wait(interval):
+        while True:
+            self._news.clear()  # before reading progress: a beat from here on wakes the wait
             step, phase, since = self._progress
+            limit, flag = self._limit(step)
             counter += 1
             try:
                 self._store.set(str(self.rank), f"{step} {phase} {counter}")
                 stalled = time.monotonic() - since
-                if stalled > self.timeout_s / 2:  # start watching the peers' heartbeats
+                if stalled > limit / 2:  # start watching the peers' heartbeats
                     self._observe()
                 else:
                     self._seen.clear()
             except Exception:  # the store is gone: the agent is tearing the job down
                 return
-            if stalled > self.timeout_s and not self._stop.is_set():
-                self._fail(step, stalled, interval)
+            if stalled > limit and not self._stop.is_set():
+                self._fail(step, stalled, interval, limit, flag)
+            # at most 4 writes per interval on news (fast steps), else one per interval
+            if self._stop.wait(interval / 4):
+                return
+            self._news.wait(interval * 3 / 4)
+            if self._stop.is_set():
+                return
 
     def _observe(self) -> None:
         now = time.monotonic()
@@ -152,7 +189,7 @@ class Watchdog:
             elif self._seen[r][0] != beat:
                 self._seen[r] = (beat, self._seen[r][1], False)
 
-    def _fail(self, step: int, stalled: float, interval: float) -> None:
+    def _fail(self, step: int, stalled: float, interval: float, limit: float, flag: str) -> None:
         try:
             culprit = self._culprit(interval)
             first = self._store.add("reported", 1) == 1
@@ -161,7 +198,7 @@ class Watchdog:
         if first:
             print(
                 f"seer-train: error: {culprit}: no progress for {stalled:.0f} s "
-                f"(--collective-timeout {self.timeout_s:g}); stopping the job",
+                f"({flag} {limit:g}); stopping the job",
                 file=sys.stderr,
                 flush=True,
             )

@@ -69,6 +69,8 @@ class PretrainConfig:
     photometric: the colour distortion of every crop (SEER's by default); max_bad_steps:
     consecutive skipped steps (non-finite loss) that stop the run; collective_timeout_s:
     seconds without progress on some rank before the job fails naming it (None: never);
+    first_step_timeout_s: the same deadline for the run's first step (initialisation, first
+    collectives), when longer;
     save_every_minutes: also checkpoint when this much time passed since the last save
     (rank 0's clock decides, every rank agrees); async_save: write checkpoints in the
     background (``save_sharded(blocking=False)``); plan: a plan saved by ``fsdpkit plan
@@ -90,6 +92,7 @@ class PretrainConfig:
     photometric: PhotometricConfig = field(default_factory=PhotometricConfig)
     max_bad_steps: int = 10
     collective_timeout_s: float | None = 300.0
+    first_step_timeout_s: float = 600.0
     save_every_minutes: float | None = None
     async_save: bool = False
     plan: str | None = None
@@ -102,6 +105,10 @@ class PretrainConfig:
         if self.collective_timeout_s is not None and not self.collective_timeout_s > 0:
             raise FsdpkitError(
                 f"--collective-timeout must be > 0 seconds, got {self.collective_timeout_s}"
+            )
+        if not self.first_step_timeout_s > 0:
+            raise FsdpkitError(
+                f"--first-step-timeout must be > 0 seconds, got {self.first_step_timeout_s}"
             )
         if self.save_every_minutes is not None and not self.save_every_minutes > 0:
             raise FsdpkitError(f"--save-every-minutes must be > 0, got {self.save_every_minutes}")
@@ -225,8 +232,10 @@ def pretrain(
     with distributed() as ctx:
         out = Path(cfg.out)
         ckpts = out / "checkpoints"
-        plan = _the_plan(cfg, ctx.rank, ctx.world_size, resuming=bool(list_checkpoints(ckpts)))
-        if ctx.rank == 0:
+        resuming = bool(list_checkpoints(ckpts)) and cfg.plan is None
+        plan = _the_plan(cfg, ctx.rank, ctx.world_size, resuming)
+        if ctx.rank == 0 and not (resuming and (out / "plan.json").exists()):
+            # a resumed run built from its own plan.json (peers may still be reading it)
             out.mkdir(parents=True, exist_ok=True)
             plan.save(out / "plan.json")
         model, _ = build(tc, plan, ctx.device, seed=cfg.seed)
@@ -247,11 +256,10 @@ def pretrain(
         preempt = Preemption()
         # A restarted group (torchrun) gets fresh heartbeat keys in the agent's store.
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "")
-        watchdog = (
-            Watchdog(cfg.collective_timeout_s, ctx.rank, ctx.world_size, prefix=restart)
-            if cfg.collective_timeout_s
-            else None
-        )
+        watchdog = None
+        if cfg.collective_timeout_s:
+            first = cfg.first_step_timeout_s
+            watchdog = Watchdog(cfg.collective_timeout_s, ctx.rank, ctx.world_size, restart, first)
         losses, skipped, rates = [], {}, []
         bad_steps = bad_run = 0
         # CPU has no allocator statistics: track the tensors of one steady-state step (the

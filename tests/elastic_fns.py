@@ -28,6 +28,20 @@ def hang_run(out: str, steps: int, rank: int, after_step: int, how: str, timeout
     return tiny_run(out, steps, collective_timeout_s=timeout_s, on_step=on_step)
 
 
+def slow_first_step(first_timeout_s: float, timeout_s: float, first_step_s: float) -> None:
+    """A loop whose first step lasts ``first_step_s`` (longer than ``timeout_s``, shorter than
+    ``first_timeout_s``) and whose second step never ends: the watchdog must let the first
+    pass and end the job at the second."""
+    from seer_train.distributed import Watchdog, distributed
+
+    with distributed() as ctx:
+        wd = Watchdog(timeout_s, ctx.rank, ctx.world_size, first_step_timeout_s=first_timeout_s)
+        wd.beat(1)
+        time.sleep(first_step_s)
+        wd.beat(2)
+        time.sleep(3600)
+
+
 def async_run(out: str, steps: int, async_save: bool) -> dict:
     """``tiny_run`` saving after every step, in the background or not; keeps every checkpoint."""
     return tiny_run(out, steps, save_every=1, keep_last=steps + 1, async_save=async_save)

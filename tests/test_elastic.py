@@ -3,7 +3,7 @@
 import random
 
 import pytest
-from elastic_fns import hang_run, same_checkpoint, torchrun_with_kills
+from elastic_fns import hang_run, same_checkpoint, slow_first_step, torchrun_with_kills
 
 from fsdpkit.testing import DistributedTestError, run_distributed
 
@@ -16,14 +16,25 @@ ARGS = ["--model", "tiny", "--batch-size", "4", "--synthetic-images", "64", "--w
 @pytest.mark.parametrize("how", ["sigstop", "sleep"])
 def test_a_rank_that_stops_making_progress_fails_the_job_naming_it(tmp_path, capfd, how):
     # rank 1 stops after step 2 (SIGSTOP: frozen; sleep: alive, never reaching the collective
-    # rank 0 waits in); with a 4 s timeout the job ends instead of hanging
+    # rank 0 waits in); the job ends instead of hanging. The timeout is about 10x a tiny step
+    # on a loaded 2-core machine; the slower first step has the default 600 s.
     with pytest.raises(DistributedTestError, match="exited with code 3"):
-        run_distributed(hang_run, 2, str(tmp_path / "run"), 8, 1, 2, how, 4.0, timeout_s=150)
+        run_distributed(hang_run, 2, str(tmp_path / "run"), 8, 1, 2, how, 8.0, timeout_s=150)
     err = capfd.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("seer-train: error:")]
     assert len(lines) == 1, err
-    assert "rank 1 is stuck at step 2" in lines[0] and "--collective-timeout 4" in lines[0]
+    assert "rank 1 is stuck at step 2" in lines[0] and "--collective-timeout 8" in lines[0]
     assert ("stopped or dead" in lines[0]) == (how == "sigstop"), lines[0]
+
+
+@pytest.mark.dist
+def test_the_first_step_has_its_own_deadline_and_later_steps_the_tight_one(capfd):
+    # the first step outlasts the tight deadline 4x; only the second step's stall ends the job
+    with pytest.raises(DistributedTestError, match="exited with code 3"):
+        run_distributed(slow_first_step, 1, 120.0, 0.5, 2.0, timeout_s=100)
+    lines = [x for x in capfd.readouterr().err.splitlines() if x.startswith("seer-train: error")]
+    assert len(lines) == 1 and "rank 0 is stuck at step 2" in lines[0], lines
+    assert "(--collective-timeout 0.5)" in lines[0], lines
 
 
 @pytest.mark.dist

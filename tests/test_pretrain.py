@@ -173,6 +173,8 @@ def test_swav_pretraining_beats_a_random_trunk(tmp_path):
         (["--lr", "-1"], "--lr"),
         (["--freeze-prototypes", "-5"], "--freeze-prototypes"),
         (["--log-every", "-1"], "--log-every"),
+        (["--collective-timeout", "-1"], "--collective-timeout"),
+        (["--first-step-timeout", "0"], "--first-step-timeout"),
     ],
 )
 def test_bad_pretrain_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
