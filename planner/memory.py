@@ -20,12 +20,12 @@ checkpointed), or a checkpointed segment starts there (its input is held).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kitcore import FsdpkitError, FSDPPolicy
 
+from .fsdp2 import ShardedStatics
 from .profile import DTYPES, ModelProfile, UnitProfile
 
 __all__ = [
@@ -165,92 +165,59 @@ def _elem(dtype: str) -> int:
 
 
 class _Statics:
-    """Static terms per event position, for one profile and config."""
+    """Static terms per event position of a one-process step (sharded steps:
+    :class:`planner.fsdp2.ShardedStatics`, same methods)."""
+
+    sharded = False
 
     def __init__(self, prof: ModelProfile, cfg: MemoryConfig) -> None:
         self.p, self.c = prof, cfg
         n = len(prof.units)
         state = OPTIMIZERS[cfg.optimizer]
-        if cfg.sharded:
-            bn = prof.bn_param_numel
-            whole = bn if cfg.batchnorm == "replicate" else 0  # never sharded
-            shard = math.ceil((prof.param_numel - whole) / cfg.world_size)
-            self.base = {
-                "parameters (sharded fp32)": 4 * shard,
-                # Held for the whole step, though they appear only in backward: this over-count
-                # stands in for the all-gather / reduce-scatter buffers not modelled yet.
-                "gradients (sharded fp32)": 4 * shard,
-                "optimizer state (sharded)": 4 * state * shard,
-                "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
-                "fixed overhead": cfg.overhead_bytes,
-            }
-            if whole:
-                self.base["BatchNorm parameters, gradients, state (replicated fp32)"] = (
-                    4 * (2 + state) * whole
-                )
-            elif bn:
-                self.base["BatchNorm parameters (gathered fp32, kept)"] = 4 * bn
-            self._reduce_extra = 4 if cfg.reduce_dtype == "fp32" and prof.dtype != "fp32" else 0
-        else:
-            self.base = {
-                "parameters": prof.static_bytes - prof.input_bytes - prof.buffer_bytes,
-                "optimizer state": 4 * state * prof.param_numel,
-                "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
-                "fixed overhead": cfg.overhead_bytes,
-            }
-            # Gradients appear in backward (zero_grad(set_to_none) removed the last step's):
-            # while unit i runs backward, those of units after i and of the tail exist.
-            grads = [u.param_bytes for u in prof.units] + [prof.tail_param_bytes]
-            self._grads_after = [sum(grads[i + 1 :]) for i in range(n + 1)]
-        self._unit_params = [u.param_bytes for u in prof.units]
-        self._unit_numel = [u.param_numel for u in prof.units]
+        self.base = {
+            "parameters": prof.static_bytes - prof.input_bytes - prof.buffer_bytes,
+            "optimizer state": 4 * state * prof.param_numel,
+            "inputs and buffers": prof.input_bytes + prof.buffer_bytes,
+            "fixed overhead": cfg.overhead_bytes,
+        }
+        # Gradients appear in backward (zero_grad(set_to_none) removed the last step's):
+        # while unit i runs backward, those of units after i and of the tail exist.
+        grads = [u.param_bytes for u in prof.units] + [prof.tail_param_bytes]
+        self._grads_after = [sum(grads[i + 1 :]) for i in range(n + 1)]
 
-    def _gathered(self, first: int, last: int) -> int:
-        if not self.c.reshard_after_forward:
-            first = 0  # earlier units stay gathered until their backward
-        lo, hi = max(first, 0), min(last, len(self._unit_params) - 1)
-        return sum(self._unit_params[lo : hi + 1])
+    def pre(self) -> dict[str, int]:
+        return dict(self.base)
 
     def fwd(self, i: int) -> dict[str, int]:
         """Static terms while unit ``i`` runs forward (``i == n``: the tail)."""
-        s = dict(self.base)
-        if self.c.sharded:
-            s["unsharded parameters"] = (
-                self.p.tail_param_bytes
-                if i >= len(self._unit_params)
-                else self._gathered(i, i + self.c.prefetch)
-            )
-        return s
+        return dict(self.base)
 
-    def bwd(self, i: int) -> dict[str, int]:
+    def bwd(self, i: int, s: int | None = None, ckpt: bool = False) -> dict[str, int]:
         """Static terms while unit ``i`` runs backward (``i == n``: the tail)."""
-        s = dict(self.base)
-        s["loss and its gradient"] = 2 * self.p.loss_bytes
-        n = len(self._unit_params)
-        if self.c.sharded:
-            if i >= n:
-                s["unsharded parameters"] = self.p.tail_param_bytes
-                s["unsharded gradients"] = self._reduce_extra * self.p.tail_param_numel
-            else:
-                s["unsharded parameters"] = self._gathered(i - self.c.prefetch, i)
-                s["unsharded gradients"] = self._reduce_extra * self._unit_numel[i]
-        else:
-            s["gradients"] = self._grads_after[min(i, n)]
-        return s
+        s_ = dict(self.base)
+        s_["loss and its gradient"] = 2 * self.p.loss_bytes
+        s_["gradients"] = self._grads_after[min(i, len(self.p.units))]
+        return s_
+
+    def recompute(self, k: int, s: int, e: int) -> dict[str, int]:
+        return self.bwd(e - 1)
 
     def optimizer_step(self) -> dict[str, int]:
         s = dict(self.base)
         p, c = self.p, self.c
-        numel = math.ceil(p.param_numel / c.world_size) if c.sharded else p.param_numel
-        biggest = math.ceil(p.max_param_numel / c.world_size) if c.sharded else p.max_param_numel
-        if not c.sharded:
-            s["gradients"] = p.param_bytes
+        s["gradients"] = p.param_bytes
         if c.optimizer == "adamw":
-            s["optimizer temporaries"] = 4 * numel
+            s["optimizer temporaries"] = 4 * p.param_numel
         elif c.optimizer == "sgd" and c.weight_decay:  # one parameter-sized tensor at a time
-            elem = 4 if c.sharded or p.dtype not in DTYPES else _elem(p.dtype)
-            s["optimizer temporaries"] = elem * biggest
+            elem = 4 if p.dtype not in DTYPES else _elem(p.dtype)
+            s["optimizer temporaries"] = elem * p.max_param_numel
         return s
+
+
+def _statics(prof: ModelProfile, cfg: MemoryConfig) -> _Statics | ShardedStatics:
+    if cfg.sharded:
+        return ShardedStatics(prof, cfg, OPTIMIZERS[cfg.optimizer])
+    return _Statics(prof, cfg)
 
 
 def unit_views(prof: ModelProfile, selective: Iterable[int] = ()) -> list[UnitProfile]:
@@ -319,7 +286,7 @@ def segment_events(
                 RECOMP: recomputed,
                 TEMP: grad_out + live_in + u[i].fwd_peak_bytes,
             }
-            events.append(Event(f"recompute {i}", statics.bwd(e - 1), parts))
+            events.append(Event(f"recompute {i}", statics.recompute(i, s, e), parts))
             recomputed += u[i].saved_bytes + (inner[i - s - 1] if i > s else 0)
     for i in range(e - 1, s - 1, -1):
         # Kept while unit i runs backward: units s..i-1 (recomputed if checkpointed) and the
@@ -332,7 +299,14 @@ def segment_events(
             CKPT_IN: held,
             TEMP: u[i].output_bytes + u[i].bwd_peak_bytes + u[i].later_output_bytes,
         }
-        events.append(Event(f"bwd {i}", statics.bwd(i), parts))
+        events.append(Event(f"bwd {i}", statics.bwd(i, s, ckpt), parts))
+        if statics.sharded:  # its reduce-scatter: saves and temporaries gone, input gradient
+            parts = {
+                RECOMP if ckpt else ACT: before,
+                CKPT_IN: held,
+                TEMP: u[i].input_bytes + u[i].later_output_bytes,
+            }
+            events.append(Event(f"reduce {i}", statics.reduce(i, s, ckpt), parts))
     return ((0, held) if ckpt else (stored, 0)), events
 
 
@@ -360,7 +334,7 @@ def tail_events(
 
 def static_floor_bytes(prof: ModelProfile, cfg: MemoryConfig) -> int:
     """Bytes needed with no activations at all (the optimizer step); no plan goes below it."""
-    return sum(_Statics(prof, cfg).optimizer_step().values())
+    return sum(_statics(prof, cfg).optimizer_step().values())
 
 
 def normalize_segments(segments: list[Segment], n: int) -> list[Segment]:
@@ -403,6 +377,8 @@ def check_selective(segments: Sequence[Segment], selective: Sequence[int], n: in
 def _event_flops(prof: ModelProfile, label: str) -> int:
     """FLOPs an event runs (a stand-in for its duration): backward costs twice the forward."""
     kind, _, where = label.partition(" ")
+    if kind not in ("fwd", "bwd", "recompute"):
+        return 0  # reduce-scatters, the optimizer step: communication and O(params) work
     units_fwd = sum(u.flops for u in prof.units)
     if where == "tail":
         fwd = max(prof.step_flops // 3 - units_fwd, 0)
@@ -453,9 +429,9 @@ def estimate(
     segments = normalize_segments(segments, n)
     check_selective(segments, selective, n)
     units = unit_views(prof, selective)
-    statics = _Statics(prof, cfg)
+    statics = _statics(prof, cfg)
     timeline: list[tuple[tuple[int, int], Event]] = []
-    timeline.append(((0, 0), Event("pre", statics.fwd(0), {TEMP: prof.pre_peak_bytes})))
+    timeline.append(((0, 0), Event("pre", statics.pre(), {TEMP: prof.pre_peak_bytes})))
     prefix = (prof.pre_saved_bytes, 0)  # (plain activations, checkpoint inputs) kept so far
     backward: list[tuple[tuple[int, int], list[Event]]] = []
     held = held_input_bytes(prof, segments, units)
@@ -474,6 +450,9 @@ def estimate(
     timeline += [(prefix, ev) for ev in tail]
     for seg_prefix, events in reversed(backward):
         timeline += [(seg_prefix, ev) for ev in events]
+    if statics.sharded:
+        timeline.append(((0, 0), Event("reduce root", statics.reduce(n), {})))
+        timeline.append(((0, 0), Event("end of backward", statics.end_of_backward(), {})))
     timeline.append(((0, 0), Event("optimizer step", statics.optimizer_step(), {})))
     totals = [
         (ev.label, sum(pre) + ev.static_total + ev.local, _event_flops(prof, ev.label))

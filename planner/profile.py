@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_leaves
 from kitcore import DTYPES, FsdpkitError, ModelSpec, write_text_atomic
 
 from ._meta import cast_inputs, fused_attention_on_meta
+from .fsdp2 import shard_rows
 from .opcost import OpCosts
 from .tracker import LiveMemory, storage_key, tensor_storages
 
@@ -127,6 +128,11 @@ class ModelProfile:
     the loss tensor, alive through backward with its gradient (``torch.autograd.backward``
     holds both until it returns). ``bn_param_numel``: BatchNorm parameters (FP32 in every
     mode; how FSDP places them is :class:`~planner.memory.MemoryConfig`'s ``batchnorm``).
+    ``shard_rows``: per unit, then the root (every parameter outside the units), the
+    ``(rows, numel)`` of each non-BatchNorm parameter: FSDP2 shards dim 0 with padding, so a
+    rank's shard and the all-gather buffers follow from it (:mod:`planner.fsdp2`).
+    ``raw_input_bytes``: the example input as the model receives it (FP32 images), before the
+    cast to the training dtype that ``input_bytes`` counts.
     """
 
     model: str
@@ -156,6 +162,8 @@ class ModelProfile:
     bn_param_numel: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
     step_time_s: Mapping[str, float] = field(default_factory=dict)
+    shard_rows: tuple[tuple[tuple[int, int], ...], ...] = ()
+    raw_input_bytes: int = 0
 
     @property
     def unit_names(self) -> list[str]:
@@ -177,6 +185,8 @@ class ModelProfile:
                 return cls._from_minimal(data["units"], data["activation_bytes"], origin)
             units = tuple(UnitProfile(**u) for u in data["units"])
             rest = {k: v for k, v in data.items() if k not in ("units", "activation_bytes")}
+            rows = rest.pop("shard_rows", ())
+            rest["shard_rows"] = tuple(tuple((int(r), int(n)) for r, n in g) for g in rows)
             return cls(units=units, **rest)
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise FsdpkitError(
@@ -409,7 +419,10 @@ def profile_model(
     device = torch.device(device)
     model = emulate_mixed_precision(spec.build_model(device).train(), DTYPES[dtype])
     units = spec.named_units(model)
-    inputs = cast_inputs(spec.example_input(batch_size, device), DTYPES[dtype])
+    raw = spec.example_input(batch_size, device)
+    raw_input_bytes = sum(t.nbytes for t in tree_leaves(raw) if isinstance(t, torch.Tensor))
+    inputs = cast_inputs(raw, DTYPES[dtype])
+    del raw
     static = [*model.parameters(), *model.buffers(), *tree_leaves(inputs)]
     excluded = {storage_key(s) for s in tensor_storages(static)}
     tracker = LiveMemory()
@@ -482,5 +495,7 @@ def profile_model(
             p.numel() for m in model.modules() if isinstance(m, _BN) for p in m.parameters()
         ),
         step_time_s=costs.step_time,
+        shard_rows=shard_rows(model, [u for _, u in units]),
+        raw_input_bytes=raw_input_bytes,
     )
     return prof

@@ -26,7 +26,7 @@ from .devices import DEFAULT_GPU, get_device
 from .memory import (
     MemoryConfig,
     Segment,
-    _Statics,
+    _statics,
     estimate,
     normalize_segments,
     segment_events,
@@ -164,8 +164,8 @@ def _solve(
     prof: ModelProfile, cfg: MemoryConfig, budget_bytes: int, costs: UnitCosts, selective: bool
 ) -> tuple[list[Segment], list[int]] | None:
     n = len(prof.units)
-    statics = _Statics(prof, cfg)
-    if sum(statics.fwd(0).values()) + prof.pre_peak_bytes > budget_bytes:
+    statics = _statics(prof, cfg)
+    if sum(statics.pre().values()) + prof.pre_peak_bytes > budget_bytes:
         return None  # the work before unit 0 alone does not fit
     base = list(prof.units)
     views = [u.selective() if selective and u.has_selective else None for u in base]

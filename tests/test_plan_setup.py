@@ -35,16 +35,19 @@ def test_resharding_and_batchnorm_mode_are_modelled(tiny_profile):
     plain = [(0, n, False)]
     base = MemoryConfig(world_size=8, sharded=True)
     kept = MemoryConfig(world_size=8, sharded=True, reshard_after_forward=False)
-    # kept gathered: at the last unit's backward every unit's parameters are whole
+    # kept gathered: at the last unit's backward every unit's parameters are whole (unit 4's
+    # are being prefetched in the base case): units 0-3 in bf16, dim 0 padded to 8 rows
     at_kept = {label: total for label, total, _ in estimate(prof, plain, kept).timeline}
     at_base = {label: total for label, total, _ in estimate(prof, plain, base).timeline}
-    assert at_kept["bwd 5"] - at_base["bwd 5"] == sum(u.param_bytes for u in prof.units[:4])
+    gathered = sum(2 * 8 * -(-r // 8) * (m // r) for g in prof.shard_rows[:4] for r, m in g)
+    assert at_kept["bwd 5"] - at_base["bwd 5"] == gathered > 0
     units = estimate(prof, plain, MemoryConfig(world_size=8, sharded=True, batchnorm="units"))
     rep = estimate(prof, plain, base)
     bn = prof.bn_param_numel
     assert bn > 0
     assert rep.breakdown["BatchNorm parameters, gradients, state (replicated fp32)"] == 4 * 3 * bn
-    assert units.breakdown["BatchNorm parameters (gathered fp32, kept)"] == 4 * bn
+    kept_bn = units.breakdown["BatchNorm (sharded fp32, gathered and kept)"]
+    assert kept_bn == 4 * (2 + 1) * -(-bn // 8) + 4 * bn
 
 
 def test_a_plan_records_its_setup_and_refuses_another(tiny_profile, tmp_path):

@@ -127,29 +127,66 @@ def test_a_plan_that_fits_fits_under_memtracker(name):
     assert fitted, "no budget between the floor and the plain peak had a plan that fits"
 
 
-# FSDP2 (rank 0, fake process group): the all-gather / reduce-scatter buffers and the timing
-# of prefetch are not modelled exactly yet. Measured errors (predicted vs FSDPMemTracker):
-FSDP_GAP = (
-    "FSDP2 all-gather/reduce-scatter buffers not modelled exactly: toy-vit ws4 fp32 plain "
-    "+9.15%, units 0-1 checkpointed +10.72%, all checkpointed -4.58%; hf-regnet ws8 fp32 "
-    "plain +0.51%, 0-1 -6.09%, all -10.14%; hf-vit ws8 bf16 plain -3.96%, 0-1 -5.62%, "
-    "all -11.71%"
-)
+# FSDP2 (rank 0, fake process group): the sharded step's schedule (planner.fsdp2) against
+# FSDPMemTracker. Cases: (model, batch, dtype, world size, segmentation).
+FSDP_CASES = [
+    ("toy-vit", 2, "fp32", 4, "plain"),
+    ("toy-vit", 2, "fp32", 4, "0-1"),
+    ("toy-vit", 2, "fp32", 4, "all"),
+    ("toy-vit", 2, "bf16", 8, "plain"),
+    ("hf-regnet", 2, "fp32", 8, "plain"),
+    ("hf-regnet", 2, "fp32", 8, "all"),
+    ("hf-resnet", 2, "fp32", 8, "0-1"),
+    ("hf-convnext", 2, "fp32", 4, "plain"),
+]
+# Known short falls, each a moment the profile does not see (measured on torch 2.13):
+FSDP_GAPS = [
+    pytest.param("hf-vit", 2, "bf16", 8, "plain", marks=pytest.mark.xfail(strict=True, reason=(
+        "-7.6%: ViTModel.forward casts pixel_values to the dtype of a parameter it reads "
+        "while FSDP2 holds it sharded in fp32, so an fp32 copy of the input lives through "
+        "the step; the profile's bf16 emulation has no sharded parameters"))),
+    pytest.param("hf-swin", 2, "fp32", 4, "plain", marks=pytest.mark.xfail(strict=True, reason=(
+        "-0.7%: 4 KiB more in the last stage's forward than the profile records"))),
+    pytest.param("hf-convnext", 2, "fp32", 4, "0-1", marks=pytest.mark.xfail(strict=True, reason=(
+        "-0.7%: a moment between two units' forwards, after a checkpointed segment, that "
+        "holds 40 KB more activation than either unit's peak"))),
+]  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason=FSDP_GAP)
-@pytest.mark.parametrize(
-    ("name", "batch", "dtype", "world"),
-    [("toy-vit", 2, "fp32", 4), ("hf-regnet", 2, "fp32", 8), ("hf-vit", 2, "bf16", 8)],
-)
-def test_fsdp2_prediction_matches_fsdp_memtracker(name, batch, dtype, world):
+def _segments(kind: str, n: int) -> list[tuple[int, int, bool]]:
+    return {"plain": [(0, n, False)], "0-1": [(0, 2, True), (2, n, False)],
+            "all": [(0, n, True)]}[kind]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "batch", "dtype", "world", "segs"), [*FSDP_CASES, *FSDP_GAPS])
+def test_fsdp2_prediction_matches_fsdp_memtracker(name, batch, dtype, world, segs):
     prof = _profile(name, batch, dtype)
-    n = len(prof.units)
+    segments = _segments(segs, len(prof.units))
     cfg = MemoryConfig(world_size=world, sharded=True)
-    for segs in ([(0, n, False)], [(0, 2, True), (2, n, False)]):
-        predicted = estimate(prof, segs, cfg).peak_bytes
-        measured = fsdp_memtracker_peak(_spec(name), batch, segs, world_size=world, dtype=dtype)
-        assert_within(predicted, measured, f"{name} ws {world} {dtype} {segs}")
+    predicted = estimate(prof, segments, cfg).peak_bytes
+    measured = fsdp_memtracker_peak(_spec(name), batch, segments, world_size=world, dtype=dtype)
+    assert_within(predicted, measured, f"{name} ws {world} {dtype} {segments}")
+
+
+@pytest.mark.parametrize("name", ["toy-vit", "hf-regnet"])
+def test_an_fsdp2_plan_that_fits_fits_under_fsdp_memtracker(name):
+    """Sharded plans (world size 8) for budgets between the static floor and the plain
+    peak: each that reports ``fits`` fits under FSDPMemTracker and agrees with it."""
+    prof = _profile(name, 2)
+    n = len(prof.units)
+    cfg = MemoryConfig(world_size=8, sharded=True)
+    plain = estimate(prof, [(0, n, False)], cfg).peak_bytes
+    floor = static_floor_bytes(prof, cfg)
+    fitted = 0
+    for frac in (0.5, 0.8):
+        plan = plan_checkpoints(prof, int(floor + frac * (plain - floor)), cfg, granularity="unit")
+        if not plan.fits:
+            continue
+        fitted += 1
+        measured = fsdp_memtracker_peak(_spec(name), 2, plan.segments, world_size=8)
+        assert measured <= plan.budget_bytes, (plan.segments, measured, plan.budget_bytes)
+        assert_within(plan.peak_bytes, measured, f"{name} ws 8 plan {plan.segments}")
+    assert fitted, "no budget between the floor and the plain peak had a plan that fits"
 
 
 @pytest.mark.parametrize(("name", "dtype"), [("toy-vit", "fp32"), ("hf-vit", "bf16")])
