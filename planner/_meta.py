@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cast_inputs", "fused_attention_on_meta"]
+__all__ = ["cast_inputs", "fused_attention_on_meta", "sharded_param_views"]
 
 
 @contextlib.contextmanager
@@ -42,3 +42,63 @@ def cast_inputs(obj: Any, dtype: torch.dtype) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(cast_inputs(o, dtype) for o in obj)
     return obj
+
+
+class sharded_param_views:
+    """Units' parameters as FSDP2 mixed precision shows them to the model's code: outside a
+    unit's forward, FP32 (sharded, in FSDP2); inside it, the training dtype, with the unit's
+    floating inputs cast to that dtype first (``MixedPrecisionPolicy.cast_forward_inputs``).
+
+    Code that reads a unit's parameter outside the unit (transformers' ``ViTModel`` casts its
+    input to ``embeddings...projection.weight.dtype``) then does what it does under FSDP2. The
+    FP32 stand-ins are never allocated on the profiled device's tracker: they are created
+    before tracking starts and only their dtype is read. Register this *before* the profile's
+    own unit hooks are added with ``prepend=True``, so those see the uncast input."""
+
+    def __init__(self, units: list[torch.nn.Module], dtype: torch.dtype, skip: type) -> None:
+        self.dtype = dtype
+        self.params: list[list[tuple[torch.nn.Module, str, torch.nn.Parameter, torch.Tensor]]] = []
+        for unit in units:
+            own = []
+            for m in unit.modules():
+                if isinstance(m, skip):
+                    continue
+                for name, p in m.named_parameters(recurse=False):
+                    if p.dtype == dtype:
+                        stand_in = torch.nn.Parameter(
+                            torch.empty(p.shape, dtype=torch.float32, device=p.device),
+                            p.requires_grad,
+                        )
+                        own.append((m, name, p, stand_in))
+            self.params.append(own)
+        self.handles: list[Any] = []
+        self.units = units
+
+    def _swap(self, i: int, low: bool) -> None:
+        for m, name, p, stand_in in self.params[i]:
+            m._parameters[name] = p if low else stand_in
+
+    def __enter__(self) -> sharded_param_views:
+        for i, unit in enumerate(self.units):
+            self._swap(i, low=False)
+
+            def pre(_m, args, kwargs, i=i):
+                self._swap(i, low=True)
+                return cast_inputs(args, self.dtype), {
+                    k: cast_inputs(v, self.dtype) for k, v in kwargs.items()
+                }
+
+            def post(_m, _args, out, i=i):
+                self._swap(i, low=False)
+                return out
+
+            self.handles.append(unit.register_forward_pre_hook(pre, with_kwargs=True))
+            self.handles.append(unit.register_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for i in range(len(self.units)):
+            self._swap(i, low=True)

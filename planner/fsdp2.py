@@ -104,11 +104,15 @@ class ShardedStatics:
         self._bwd_prefetch = max(cfg.prefetch, 1)  # FSDP2 prefetches one implicitly
         self._fwd_prefetch = cfg.prefetch
         self._loss = 2 * prof.loss_bytes  # the loss and its gradient, through backward
+        self._pre_held = prof.pre_held_bytes
 
         bn = prof.bn_param_numel
         inputs = prof.raw_input_bytes or prof.input_bytes
-        if prof.dtype != "fp32" and prof.raw_input_bytes:
-            inputs += prof.input_bytes  # the root casts the input: both live through the step
+        # The root casts the input to the training dtype: the copy lives through forward, and
+        # through backward only if something saves it.
+        cast = prof.input_bytes if prof.dtype != "fp32" and prof.raw_input_bytes else 0
+        self._cast_fwd_only = 0 if prof.input_saved else cast
+        inputs += cast - self._cast_fwd_only
         self.base = {
             "parameters (sharded fp32)": 4 * self._shard_elems,
             "optimizer state (sharded)": 4 * state_elems * self._shard_elems,
@@ -156,19 +160,27 @@ class ShardedStatics:
         return s
 
     # -- forward ---------------------------------------------------------------------------
-    def pre(self) -> dict[str, int]:
-        """The root's forward before unit 0: its parameters and their all-gather output."""
-        return self._terms(self._gathered[-1], self._ag[-1], bwd=False)
-
     def fwd(self, i: int) -> dict[str, int]:
         """Unit ``i`` runs forward (``i == n``: the root's tail)."""
         n, g = self._n, self._gathered
         if i >= n:
             kept = self._kept_after_forward(n)
-            return self._terms(g[-1] + kept, self._ag[n - 1] if n else 0, bwd=False)
-        ahead = range(i + 1, i + 1 + self._fwd_prefetch)
-        ag = self._ag[i] + self._sum(self._ag, ahead)
-        return self._terms(g[-1] + g[i] + self._kept_after_forward(i), ag, bwd=False)
+            s = self._terms(g[-1] + kept, self._ag[n - 1] if n else 0, bwd=False)
+        else:
+            ahead = range(i + 1, i + 1 + self._fwd_prefetch)
+            ag = self._ag[i] + self._sum(self._ag, ahead)
+            s = self._terms(g[-1] + g[i] + self._kept_after_forward(i), ag, bwd=False)
+        if self._pre_held + self._cast_fwd_only:
+            held = self._pre_held + self._cast_fwd_only
+            s["tensors the code before the units holds through forward"] = held
+        return s
+
+    def pre(self) -> dict[str, int]:
+        """The root's forward before unit 0: its parameters and their all-gather output."""
+        s = self._terms(self._gathered[-1], self._ag[-1], bwd=False)
+        if self._cast_fwd_only:
+            s["tensors the code before the units holds through forward"] = self._cast_fwd_only
+        return s
 
     # -- backward --------------------------------------------------------------------------
     def _root_bwd(self) -> int:

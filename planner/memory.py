@@ -128,6 +128,7 @@ CKPT_IN = "inputs of checkpointed segments"
 RECOMP = "recomputed segment"
 HELD = "unit inputs the model's code holds"
 TEMP = "temporaries (unit working set, gradients in flight)"
+PRE_HELD = "tensors the code before the units holds through forward"
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,10 @@ class _Statics:
 
     def fwd(self, i: int) -> dict[str, int]:
         """Static terms while unit ``i`` runs forward (``i == n``: the tail)."""
-        return dict(self.base)
+        s = dict(self.base)
+        if self.p.pre_held_bytes:
+            s[PRE_HELD] = self.p.pre_held_bytes
+        return s
 
     def bwd(self, i: int, s: int | None = None, ckpt: bool = False) -> dict[str, int]:
         """Static terms while unit ``i`` runs backward (``i == n``: the tail)."""

@@ -48,7 +48,7 @@ from torch.utils._pytree import tree_leaves
 
 from kitcore import DTYPES, FsdpkitError, ModelSpec, write_text_atomic
 
-from ._meta import cast_inputs, fused_attention_on_meta
+from ._meta import cast_inputs, fused_attention_on_meta, sharded_param_views
 from .fsdp2 import shard_rows
 from .opcost import OpCosts
 from .tracker import LiveMemory, storage_key, tensor_storages
@@ -132,7 +132,11 @@ class ModelProfile:
     ``(rows, numel)`` of each non-BatchNorm parameter: FSDP2 shards dim 0 with padding, so a
     rank's shard and the all-gather buffers follow from it (:mod:`planner.fsdp2`).
     ``raw_input_bytes``: the example input as the model receives it (FP32 images), before the
-    cast to the training dtype that ``input_bytes`` counts.
+    cast to the training dtype that ``input_bytes`` counts. ``pre_held_bytes``: what the code
+    before unit 0 allocates and keeps referenced through the forward without saving it for
+    backward (transformers' ViT casts its input back to the dtype of a sharded parameter).
+    ``input_saved``: whether backward keeps the (cast) input; if not, it is freed with the
+    forward's frames.
     """
 
     model: str
@@ -164,6 +168,8 @@ class ModelProfile:
     step_time_s: Mapping[str, float] = field(default_factory=dict)
     shard_rows: tuple[tuple[tuple[int, int], ...], ...] = ()
     raw_input_bytes: int = 0
+    pre_held_bytes: int = 0
+    input_saved: bool = True
 
     @property
     def unit_names(self) -> list[str]:
@@ -260,6 +266,9 @@ class _Trace:
         self.later_outputs = [0] * n  # bytes of outputs after the first (multi-input calls)
         self.flops = [0] * n
         self.pre_peak = self.tail_fwd_peak = self.tail_bwd_peak = self.loss_bytes = 0
+        self.pre_held = 0
+        self.input_keys: set[int] = set()  # the model's input storages
+        self.input_saved = False  # whether backward keeps one of them
         self._start = self._flops_at = 0
         self._bwd_unit = n  # unit whose backward runs now; n = the tail
         self.held_until = [-1] * n
@@ -275,6 +284,8 @@ class _Trace:
         key = storage_key(st)
         if key not in self.excluded:
             self.saved[self.current][key] = st.nbytes()
+        elif key in self.input_keys:
+            self.input_saved = True
         return t
 
     def _storages(self, obj: Any) -> dict[int, int]:
@@ -286,9 +297,13 @@ class _Trace:
 
     def pre_hook(self, i: int):
         def hook(_m, args):
+            self.inputs[i] = self._storages(args)
             if i == 0:
                 self.pre_peak = self.t.window_peak - self._start
-            self.inputs[i] = self._storages(args)
+                # what the code before unit 0 made and still holds, beyond unit 0's input
+                # and what it saved for backward (an input cast, kept by a frame)
+                made = self.t.live - self._start - _sum(self.inputs[0])
+                self.pre_held = max(made - _sum(self.saved["pre"]), 0)
             self._note_held(i, args)
             self.current = i
             self._start = self.t.reset_window()
@@ -348,6 +363,7 @@ class _Trace:
         """Run the step; returns the total FLOPs (forward, plus backward when ``grad``)."""
         handles = []
         for i, (_, unit) in enumerate(units):
+            # after sharded_param_views' hook: a unit's input is what FSDP2's cast hands it
             handles.append(unit.register_forward_pre_hook(self.pre_hook(i)))
             handles.append(unit.register_forward_hook(self.post_hook(i)))
         try:
@@ -430,12 +446,22 @@ def profile_model(
     static_bytes = tracker.live
 
     plain = _Trace(tracker, len(units), excluded)
+    plain.input_keys = {storage_key(s) for s in tensor_storages(tree_leaves(inputs))}
     costs = OpCosts(len(units), dtype, plain.forward_unit, excluded)
     tracker.on_op = costs
     plain.on_forward_done = costs.finish_forward
     nograd = _Trace(LiveMemory(), len(units), excluded)
     nograd.t.register(static)
-    with fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext():
+    low = DTYPES[dtype]
+    views = (
+        sharded_param_views([u for _, u in units], low, _BN)
+        if low != torch.float32
+        else contextlib.nullcontext()
+    )
+    with (
+        fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext(),
+        views,
+    ):
         step_flops = plain.run(spec, model, units, inputs, grad=True)
         nograd.run(spec, model, units, inputs, grad=False)
     tracker.on_op = None
@@ -497,5 +523,7 @@ def profile_model(
         step_time_s=costs.step_time,
         shard_rows=shard_rows(model, [u for _, u in units]),
         raw_input_bytes=raw_input_bytes,
+        pre_held_bytes=plain.pre_held,
+        input_saved=plain.input_saved,
     )
     return prof

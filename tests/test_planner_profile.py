@@ -7,6 +7,7 @@ import torch
 
 from fsdpkit import FsdpkitError, get_model_spec
 from fsdpkit.ac import apply_ac, remove_ac
+from kitcore import module_spec
 from planner import (
     MemoryConfig,
     ModelProfile,
@@ -193,3 +194,29 @@ def test_bad_batch_and_dtype():
         profile_model(spec, 0)
     with pytest.raises(FsdpkitError, match="dtype"):
         profile_model(spec, 1, dtype="fp8")
+
+
+class _ReadsAUnitsDtype(torch.nn.Module):
+    """Casts its input to a unit's weight dtype before the units, as transformers' ViTModel
+    does: under FSDP2 mixed precision that weight is sharded FP32 there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.units[0].weight.dtype)
+        for unit in self.units:
+            x = torch.relu(unit(x))
+        return x
+
+
+def test_low_precision_profile_shows_the_code_sharded_fp32_parameters_outside_units():
+    spec = module_spec(_ReadsAUnitsDtype, (64,), name="reads-dtype", units="units.*")
+    low = profile_model(spec, 8, dtype="bf16")
+    # the code's FP32 copy of the (bf16-cast) input lives through the forward; unit 0 gets
+    # the bf16 copy FSDP2's hook makes, as its input
+    assert low.pre_held_bytes == 8 * 64 * 4
+    assert low.units[0].input_bytes == 8 * 64 * 2 and low.raw_input_bytes == 8 * 64 * 4
+    full = profile_model(spec, 8)
+    assert full.pre_held_bytes == 0 and full.units[0].input_bytes == 0  # the input itself
