@@ -7,8 +7,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["cast_inputs", "fused_attention_on_meta", "sharded_param_views"]
+__all__ = [
+    "cast_inputs",
+    "emulate_mixed_precision",
+    "fused_attention_on_meta",
+    "sharded_param_views",
+]
 
 
 @contextlib.contextmanager
@@ -102,3 +109,20 @@ class sharded_param_views:
         self.handles.clear()
         for i in range(len(self.units)):
             self._swap(i, low=True)
+
+
+def emulate_mixed_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Run ``model`` as FSDP mixed precision does: parameters in ``dtype``, BatchNorm in FP32.
+
+    Non-BN parameters are cast to ``dtype``; each BatchNorm keeps FP32 parameters and running
+    statistics and takes its input in ``dtype``, as :mod:`fsdpkit.syncbn` does: FP32
+    arithmetic, output in ``dtype``, and only the low-precision input (plus per-channel FP32
+    vectors) kept for backward.
+    """
+    if dtype == torch.float32:
+        return model
+    for m in model.modules():
+        if not isinstance(m, _BatchNorm):
+            for name, p in list(m.named_parameters(recurse=False)):
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), p.requires_grad))
+    return model

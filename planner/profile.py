@@ -48,7 +48,12 @@ from torch.utils._pytree import tree_leaves
 
 from kitcore import DTYPES, FsdpkitError, ModelSpec, write_text_atomic
 
-from ._meta import cast_inputs, fused_attention_on_meta, sharded_param_views
+from ._meta import (
+    cast_inputs,
+    emulate_mixed_precision,
+    fused_attention_on_meta,
+    sharded_param_views,
+)
 from .fsdp2 import shard_rows
 from .opcost import OpCosts
 from .tracker import LiveMemory, storage_key, tensor_storages
@@ -233,23 +238,6 @@ class ModelProfile:
         if not isinstance(data, dict):
             raise FsdpkitError(f"{path}: expected a JSON object")
         return cls.from_json(data, str(path))
-
-
-def emulate_mixed_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Run ``model`` as FSDP mixed precision does: parameters in ``dtype``, BatchNorm in FP32.
-
-    Non-BN parameters are cast to ``dtype``; each BatchNorm keeps FP32 parameters and running
-    statistics and takes its input in ``dtype``, as :mod:`fsdpkit.syncbn` does: FP32
-    arithmetic, output in ``dtype``, and only the low-precision input (plus per-channel FP32
-    vectors) kept for backward.
-    """
-    if dtype == torch.float32:
-        return model
-    for m in model.modules():
-        if not isinstance(m, _BN):
-            for name, p in list(m.named_parameters(recurse=False)):
-                setattr(m, name, nn.Parameter(p.detach().to(dtype), p.requires_grad))
-    return model
 
 
 class _Trace:
