@@ -249,9 +249,12 @@ def convert_sync_batchnorm(module: nn.Module, group_size: int | None = None) -> 
 
 def _convert(module: nn.Module, group) -> nn.Module:
     if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, group)  # fmt: skip
-        new = new.to(device=next(module.buffers(), torch.empty(0)).device)
+        # Created on the module's device rather than moved there: Module.to() swaps tensor
+        # subclasses (FakeTensor under the planner's FSDPMemTracker) and refuses to.
+        device = next(iter([*module.parameters(), *module.buffers()]), torch.empty(0)).device
+        with torch.device(device):
+            new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats, group)  # fmt: skip
         with torch.no_grad():
             if module.affine:
                 new.weight, new.bias = module.weight, module.bias

@@ -141,6 +141,7 @@ FSDP_CASES = [
     # transformers' ViTModel casts its input to the dtype of a parameter it reads while FSDP2
     # holds it sharded in FP32: the profile shows it the same (planner._meta)
     ("hf-vit", 2, "bf16", 8, "plain"),
+    ("hf-regnet", 2, "bf16", 8, "plain"),  # SyncBatchNorm built under FakeTensorMode
 ]
 # Known short falls, each a moment the profile does not see (measured on torch 2.13):
 FSDP_GAPS = [
@@ -149,6 +150,10 @@ FSDP_GAPS = [
     pytest.param("hf-convnext", 2, "fp32", 4, "0-1", marks=pytest.mark.xfail(strict=True, reason=(
         "-0.7%: a moment between two units' forwards, after a checkpointed segment, that "
         "holds 40 KB more activation than either unit's peak"))),
+    pytest.param("hf-regnet", 2, "bf16", 8, "0-1", marks=pytest.mark.xfail(strict=True, reason=(
+        "-9.0%: fsdpkit's SyncBatchNorm computes in FP32 on a BF16 input; the profile's "
+        "BatchNorm emulation does not allocate those FP32 temporaries, which peak in the "
+        "recomputed segment's backward"))),
 ]  # fmt: skip
 
 
