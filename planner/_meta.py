@@ -59,8 +59,9 @@ class sharded_param_views:
     Code that reads a unit's parameter outside the unit (transformers' ``ViTModel`` casts its
     input to ``embeddings...projection.weight.dtype``) then does what it does under FSDP2. The
     FP32 stand-ins are never allocated on the profiled device's tracker: they are created
-    before tracking starts and only their dtype is read. Register this *before* the profile's
-    own unit hooks are added with ``prepend=True``, so those see the uncast input."""
+    before tracking starts and only their dtype is read. Enter this before the profile adds
+    its own unit hooks: forward pre-hooks run in registration order, so the profile sees what
+    FSDP2's (prepended) hook hands a unit, the cast input."""
 
     def __init__(self, units: list[torch.nn.Module], dtype: torch.dtype, skip: type) -> None:
         self.dtype = dtype

@@ -41,9 +41,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from kitcore import DTYPES
 
-__all__ = ["ShardedStatics", "shard_rows"]
+__all__ = ["PRE_HELD", "ShardedStatics", "shard_rows"]
 
 Rows = tuple[tuple[int, int], ...]
+PRE_HELD = "tensors the code before the units holds through forward"
 
 
 def shard_rows(model: nn.Module, units: Sequence[nn.Module]) -> tuple[Rows, ...]:
@@ -138,6 +139,13 @@ class ShardedStatics:
         """Units before ``i`` still gathered when they do not reshard after forward."""
         return 0 if self.c.reshard_after_forward else self._sum(self._gathered, range(i))
 
+    def _backward_gathers(self, i: int, first: int, through: int) -> tuple[int, int]:
+        """(gathered, prefetched) bytes while unit ``i`` of a segment gathered from unit
+        ``first`` is in backward: the root and units ``first..through-1`` are gathered."""
+        g = self._gathered
+        gathered = g[-1] + self._sum(g, range(first, through)) + self._kept_after_forward(first)
+        return gathered, self._pending(i, first)
+
     def _pending(self, i: int, first: int) -> int:
         """All-gathers prefetched for the units before ``i`` in backward and not gathered
         yet (a checkpointed segment from ``first`` is; so is every unit kept after forward)."""
@@ -170,16 +178,15 @@ class ShardedStatics:
             ahead = range(i + 1, i + 1 + self._fwd_prefetch)
             ag = self._ag[i] + self._sum(self._ag, ahead)
             s = self._terms(g[-1] + g[i] + self._kept_after_forward(i), ag, bwd=False)
-        if self._pre_held + self._cast_fwd_only:
-            held = self._pre_held + self._cast_fwd_only
-            s["tensors the code before the units holds through forward"] = held
+        if held := self._pre_held + self._cast_fwd_only:
+            s[PRE_HELD] = held
         return s
 
     def pre(self) -> dict[str, int]:
         """The root's forward before unit 0: its parameters and their all-gather output."""
         s = self._terms(self._gathered[-1], self._ag[-1], bwd=False)
         if self._cast_fwd_only:
-            s["tensors the code before the units holds through forward"] = self._cast_fwd_only
+            s[PRE_HELD] = self._cast_fwd_only
         return s
 
     # -- backward --------------------------------------------------------------------------
@@ -194,8 +201,7 @@ class ShardedStatics:
             kept = self._kept_after_forward(n)
             return self._terms(g[-1] + kept, pending, self._root_bwd())
         first = s if ckpt and s is not None else i
-        gathered = g[-1] + self._sum(g, range(first, i + 1)) + self._kept_after_forward(first)
-        pending = self._pending(i, first)
+        gathered, pending = self._backward_gathers(i, first, through=i + 1)
         rs = self._rs[i + 1] if i + 1 < n else 0
         # the unit's own gradients form during its backward: its profiled peak has them
         return self._terms(gathered, pending, self._root_bwd(), rs, self._sgrad_after[i])
@@ -203,13 +209,12 @@ class ShardedStatics:
     def reduce(self, i: int, s: int | None = None, ckpt: bool = False) -> dict[str, int]:
         """Unit ``i``'s reduce-scatter: its parameters resharded, its gradients copied into
         the reduce-scatter input (``i == n``: the root's, last of the step)."""
-        n, g = self._n, self._gathered
+        n = self._n
         if i >= n:
             grads, sg = self._grads[-1], sum(self._sgrad[:n])
             return self._terms(0, 0, grads, self._rs[-1], sg)
         first = s if ckpt and s is not None else i
-        gathered = g[-1] + self._sum(g, range(first, i)) + self._kept_after_forward(first)
-        pending = self._pending(i, first)
+        gathered, pending = self._backward_gathers(i, first, through=i)  # i resharded
         grads = self._root_bwd() + self._grads[i]
         return self._terms(gathered, pending, grads, self._rs[i], self._sgrad_after[i])
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from kitcore import FsdpkitError, FSDPPolicy
 
-from .fsdp2 import ShardedStatics
+from .fsdp2 import PRE_HELD, ShardedStatics
 from .profile import DTYPES, ModelProfile, UnitProfile
 
 __all__ = [
@@ -128,7 +128,6 @@ CKPT_IN = "inputs of checkpointed segments"
 RECOMP = "recomputed segment"
 HELD = "unit inputs the model's code holds"
 TEMP = "temporaries (unit working set, gradients in flight)"
-PRE_HELD = "tensors the code before the units holds through forward"
 
 
 @dataclass(frozen=True, slots=True)
