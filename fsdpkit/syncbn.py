@@ -1,9 +1,12 @@
 """SyncBatchNorm on any backend (gloo/CPU as well as NCCL/CUDA), FP32 statistics, subgroups.
 
 ``torch.nn.SyncBatchNorm`` refuses CPU tensors. This one trains through one autograd
-Function, :class:`BatchNormFn`, for the synchronised and the local (one rank, no process
-group, group of one) case alike. For an input ``x`` of shape ``(N, C, *)`` in its training
-dtype (FP16, BF16, FP32; FP64 for reference runs):
+Function, :class:`BatchNormFn`, when synchronised over more than one rank. The local case
+(no process group, a group of one) runs torch's own batch-norm kernel, which takes FP16/BF16
+input with FP32 parameters and statistics on CPU and CUDA alike and keeps what
+:class:`BatchNormFn` keeps (the input in its dtype, per-channel FP32 vectors) without the
+composed CPU path's FP32 temporaries. For an input ``x`` of shape ``(N, C, *)`` in its
+training dtype (FP16, BF16, FP32; FP64 for reference runs):
 
 * arithmetic: statistics, normalisation and gradients in ``A = promote_types(x.dtype, FP32)``
   (FP32, or FP64 for FP64 input); upcast copies of ``x`` are temporaries, freed at once;
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -55,6 +59,13 @@ def _shape(x: torch.Tensor) -> list[int]:
 def _use_fused_kernels(x: torch.Tensor) -> bool:
     """torch's batch-norm kernels exist for CUDA only (the tests substitute fakes on CPU)."""
     return x.is_cuda and x.numel() > 0
+
+
+def _native_takes(x: torch.Tensor, param: torch.Tensor | None) -> bool:
+    """Whether torch's batch-norm kernel runs ``x`` with parameters/statistics like
+    ``param`` (same dtype, or FP16/BF16 input with FP32 ones) in at least FP32 arithmetic."""
+    pd = x.dtype if param is None else param.dtype
+    return pd == _at_least_fp32(x.dtype)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -189,8 +200,9 @@ class SyncBatchNorm(_BatchNorm):
     """BatchNorm over (N, C, *) whose training statistics span ``process_group``.
 
     ``process_group=None`` synchronises over all ranks; without an initialised process group,
-    or with a group of one, training uses the same :class:`BatchNormFn` locally (no
-    communication). Eval mode is an ordinary BatchNorm in FP32 (FP64 for FP64 input).
+    or with a group of one, training is local (no communication) through torch's own kernel
+    (see the module docstring). Eval mode is an ordinary BatchNorm in FP32 (FP64 for FP64
+    input).
     Statistics are FP32 for any input dtype; the output keeps the input's dtype; backward
     keeps the input, not an FP32 copy of it.
     """
@@ -216,11 +228,15 @@ class SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 momentum = 1.0 / float(self.num_batches_tracked)
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        if world == 1 and _native_takes(x, self.weight if self.affine else running_mean):
+            return F.batch_norm(
+                x, running_mean, running_var, self.weight, self.bias, True, momentum, self.eps
+            )
         return BatchNormFn.apply(
-            x, self.weight, self.bias,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.eps, momentum, self.process_group if world > 1 else None, world,
+            x, self.weight, self.bias, running_mean, running_var, self.eps, momentum,
+            self.process_group if world > 1 else None, world,
         )  # fmt: skip
 
 

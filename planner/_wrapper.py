@@ -1,6 +1,7 @@
 """The one place the planner reaches the FSDP wrapper: to *measure* a plan, a step must run
 with it applied. Imports are lazy, so ``import planner`` loads no FSDP; planning never gets
-here (only :mod:`planner.measure` and :mod:`planner.oracle` do)."""
+here (only :mod:`planner.measure`, :mod:`planner.oracle`, and the profile's pass that runs
+units under op-level selective checkpointing do)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from kitcore import FSDPPolicy, ModelSpec
 
-__all__ = ["apply_checkpointing", "shard_like_training"]
+__all__ = ["apply_checkpointing", "remove_checkpointing", "shard_like_training"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,13 @@ def apply_checkpointing(
     from fsdpkit import apply_ac
 
     apply_ac(model, _chain(spec, model, segments, selective))
+
+
+def remove_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`apply_checkpointing`."""
+    from fsdpkit import remove_ac
+
+    remove_ac(model)
 
 
 def shard_like_training(

@@ -12,7 +12,10 @@ BatchNorm replicated or kept gathered; explicit prefetch of depth ``p``):
 - **Forward**, unit ``i`` running: its un-sharded parameters, its all-gather output (kept
   until the next unit's copy-out so the copy overlaps the next collective), the outputs of
   the ``p`` units it prefetched, and the root's parameters (the root never reshards after
-  forward). The root frees the last all-gather output when its forward ends.
+  forward). The root frees the last all-gather output when its forward ends. At unit
+  ``i``'s copy-out (its "gather" moment), its parameters are un-sharded while the previous
+  unit's all-gather output is still kept beside its own: a unit with a small working set
+  after one with large parameters peaks there.
 - **Backward**, unit ``i`` running: its un-sharded parameters and gradients (training dtype),
   the all-gathers prefetched for the next units of backward (at least one: FSDP2 prefetches
   implicitly), the reduce-scatter input of the unit before it in backward (FSDP2 keeps one
@@ -178,6 +181,18 @@ class ShardedStatics:
             ahead = range(i + 1, i + 1 + self._fwd_prefetch)
             ag = self._ag[i] + self._sum(self._ag, ahead)
             s = self._terms(g[-1] + g[i] + self._kept_after_forward(i), ag, bwd=False)
+        if held := self._pre_held + self._cast_fwd_only:
+            s[PRE_HELD] = held
+        return s
+
+    def enter(self, i: int) -> dict[str, int]:
+        """Unit ``i``'s pre-forward, at its copy-out: its parameters are un-sharded while the
+        previous unit's all-gather output (the root's for unit 0) is still kept beside its
+        own and those prefetched for the units after it; the previous unit has resharded."""
+        ahead = range(i + 1, i + self._fwd_prefetch)
+        ag = self._ag[i - 1 if i else -1] + self._ag[i] + self._sum(self._ag, ahead)
+        g = self._gathered
+        s = self._terms(g[-1] + g[i] + self._kept_after_forward(i), ag, bwd=False)
         if held := self._pre_held + self._cast_fwd_only:
             s[PRE_HELD] = held
         return s

@@ -276,6 +276,9 @@ def segment_events(
     for i in range(s, e):
         fwd = u[i].fwd_nograd_peak_bytes if ckpt else u[i].fwd_peak_bytes
         parts = {ACT: stored, CKPT_IN: held if i > s else 0, TEMP: u[i].input_bytes + fwd}
+        if statics.sharded:  # before its copy-out: two all-gather outputs, no working set
+            gather = {**parts, TEMP: u[i].input_bytes}
+            events.append(Event(f"gather {i}", statics.enter(i), gather))
         events.append(Event(f"fwd {i}", statics.fwd(i), parts))
         if not ckpt:
             stored += kept[i - s] + u[i].saved_bytes
@@ -377,6 +380,9 @@ def check_selective(segments: Sequence[Segment], selective: Sequence[int], n: in
         raise FsdpkitError(f"selective units repeat: {sorted(selective)}")
 
 
+_FORWARD = ("gather", "fwd")  # a unit's forward events (gather: sharded steps only)
+
+
 def _event_flops(prof: ModelProfile, label: str) -> int:
     """FLOPs an event runs (a stand-in for its duration): backward costs twice the forward."""
     kind, _, where = label.partition(" ")
@@ -397,7 +403,8 @@ def held_input_bytes(
 ) -> list[int]:
     """Per unit ``i``: bytes of earlier units' inputs that the model's own code still holds
     while unit ``i`` runs forward (``UnitProfile.input_held_until``) and that nothing else
-    counts: a boundary a checkpointed segment does not save stays allocated all the same."""
+    counts: a boundary a checkpointed segment does not save stays allocated all the same; and
+    what the code between two units made and still holds (``between_held_bytes``)."""
     n = len(prof.units)
     types: list[bool | None] = [None] * n
     starts = set()
@@ -413,6 +420,9 @@ def held_input_bytes(
         extra = u.input_bytes - _boundary_kept(prof, b, types, False, views)
         for i in range(b + 1, min(u.input_held_until, n - 1) + 1):
             held[i] += max(extra, 0)
+    for b, u in enumerate(prof.units):  # made between units b-1 and b, held from b on
+        for i in range(b, min(u.between_held_until, n - 1) + 1):
+            held[i] += u.between_held_bytes
     return held
 
 
@@ -441,12 +451,12 @@ def estimate(
     prev: bool | None = None
     for s, e, c in segments:
         stored, events = segment_events(prof, statics, s, e, c, prev, units)
-        forward = [ev for ev in events if ev.label.startswith("fwd")]  # units s..e-1, in order
-        timeline += [
-            (prefix, Event(ev.label, ev.static, {**ev.parts, HELD: held[i]}) if held[i] else ev)
-            for i, ev in zip(range(s, e), forward, strict=True)
-        ]
-        backward.append((prefix, [ev for ev in events if not ev.label.startswith("fwd")]))
+        forward = [ev for ev in events if ev.label.split()[0] in _FORWARD]  # units s..e-1
+        for ev in forward:
+            i = int(ev.label.split()[1])
+            parts = {**ev.parts, HELD: held[i]} if held[i] else ev.parts
+            timeline.append((prefix, Event(ev.label, ev.static, parts)))
+        backward.append((prefix, [ev for ev in events if ev.label.split()[0] not in _FORWARD]))
         prefix = (prefix[0] + stored[0], prefix[1] + stored[1])
         prev = c
     _, tail = tail_events(prof, statics, bool(prev), units)

@@ -99,6 +99,7 @@ def fsdp_memtracker_peak(
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
@@ -118,7 +119,13 @@ def fsdp_memtracker_peak(
             step = training_step(spec, model, opt, inputs)
             step()
             tracker = FSDPMemTracker(model, opt)
-            tracker.track_inputs(tuple(t for t in tree_leaves(inputs) if torch.is_tensor(t)))
+            # FSDPMemTracker counts the parameters FSDP manages, and others only once the
+            # optimizer steps; replicated BatchNorm ones (fully_shard's ignored_params) exist
+            # through the whole step: counted from the start (filed under "Inputs", the one
+            # category of external tensors it sums)
+            plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
+            leaves = [t for t in tree_leaves(inputs) if torch.is_tensor(t)]
+            tracker.track_inputs((*leaves, *plain))
             with tracker:
                 step()
             return _peak(tracker, dev, breakdown)

@@ -20,6 +20,11 @@ peak of any plan:
   holds it (e.g. ``x = self.trunk(x)`` keeps the trunk's input until the trunk returns). -1:
   released when the unit is done. A checkpointed segment does not save such a tensor, yet it
   stays allocated until then; the memory model adds it to those forwards;
+- ``between_held_bytes`` / ``between_held_until``: what the model's code makes after the
+  previous unit's forward and still holds when this unit starts (not its input, not saved
+  for backward), and the last unit whose forward starts while it is alive: transformers'
+  Swin stage returns a reshaped copy of its output that the encoder's loop holds through the
+  next stage;
 - ``later_output_bytes``: a unit called once with several inputs (one per resolution group)
   returns several outputs; those after the first are counted as alive through the unit's
   whole backward. MemTracker sees them there (``tiny``: exactly that, on units 1-3), where
@@ -34,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,7 +46,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.graph import saved_tensors_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves
 
@@ -54,8 +57,10 @@ from ._meta import (
     fused_attention_on_meta,
     sharded_param_views,
 )
+from ._wrapper import apply_checkpointing, remove_checkpointing
 from .fsdp2 import shard_rows
 from .opcost import OpCosts
+from .trace import Trace, total_bytes
 from .tracker import LiveMemory, storage_key, tensor_storages
 
 __all__ = ["DTYPES", "ModelProfile", "UnitProfile", "emulate_mixed_precision", "profile_model"]
@@ -81,10 +86,13 @@ class UnitProfile:
     param_numel: int = 0
     input_held_until: int = -1
     later_output_bytes: int = 0
+    between_held_bytes: int = 0
+    between_held_until: int = -1
     sel_saved_bytes: int | None = None
     sel_saves_output_bytes: int = 0
     sel_recomputed_bytes: int = 0
     sel_recompute_flops: int = 0
+    sel_bwd_peak_bytes: int | None = None
     fwd_time_s: Mapping[str, float] = field(default_factory=dict)
     sel_recompute_time_s: Mapping[str, float] = field(default_factory=dict)
 
@@ -102,20 +110,24 @@ class UnitProfile:
         """This unit run under op-level selective checkpointing, as the memory model sees a
         plain unit: it keeps its whole input (checkpointing saves it) and the outputs of its
         kept operators (``sel_saved_bytes``, ``sel_saves_output_bytes`` of its output); its
-        backward first recomputes the rest (``sel_recomputed_bytes`` more, live through its
-        backward); the recomputation's peak is the forward's less what the cache already
-        holds."""
+        backward recomputes the rest (``sel_recomputed_bytes``) at their first use: its peak
+        is measured with every eligible unit selective (``sel_bwd_peak_bytes``); profiles
+        without it assume everything recomputed alive through the backward, or the
+        forward's peak less what the cache already holds."""
         if self.sel_saved_bytes is None:
             raise FsdpkitError(f"unit {self.name}: profiled without selective checkpointing")
+        bwd = self.sel_bwd_peak_bytes
+        if bwd is None:  # not measured (older profiles): everything recomputed alive at once
+            bwd = max(
+                self.bwd_peak_bytes + self.sel_recomputed_bytes,
+                self.fwd_peak_bytes - self.sel_saved_bytes - self.sel_saves_output_bytes,
+            )
         return replace(
             self,
             saved_bytes=self.sel_saved_bytes,
             saves_input_bytes=self.input_bytes,
             saves_output_bytes=self.sel_saves_output_bytes,
-            bwd_peak_bytes=max(
-                self.bwd_peak_bytes + self.sel_recomputed_bytes,
-                self.fwd_peak_bytes - self.sel_saved_bytes - self.sel_saves_output_bytes,
-            ),
+            bwd_peak_bytes=bwd,
         )
 
 
@@ -240,147 +252,25 @@ class ModelProfile:
         return cls.from_json(data, str(path))
 
 
-class _Trace:
-    """One step under the tracker with hooks at unit boundaries (forward and backward)."""
-
-    def __init__(self, tracker: LiveMemory, n: int, excluded: set[int]) -> None:
-        self.t, self.n, self.excluded = tracker, n, excluded
-        self.current: int | str = "pre"
-        self.saved: dict[int | str, dict[int, int]] = {i: {} for i in [*range(n), "pre", "tail"]}
-        self.inputs: list[dict[int, int]] = [{} for _ in range(n)]
-        self.outputs: list[dict[int, int]] = [{} for _ in range(n)]
-        self.fwd_peak = [0] * n
-        self.bwd_peak = [0] * n
-        self.later_outputs = [0] * n  # bytes of outputs after the first (multi-input calls)
-        self.flops = [0] * n
-        self.pre_peak = self.tail_fwd_peak = self.tail_bwd_peak = self.loss_bytes = 0
-        self.pre_held = 0
-        self.input_keys: set[int] = set()  # the model's input storages
-        self.input_saved = False  # whether backward keeps one of them
-        self._start = self._flops_at = 0
-        self._bwd_unit = n  # unit whose backward runs now; n = the tail
-        self.held_until = [-1] * n
-        self.on_forward_done = None
-        self._input_refs: list[list[weakref.ref]] = [[] for _ in range(n)]
-
-    def forward_unit(self) -> int | None:
-        """The unit whose forward is running, or None."""
-        return self.current if isinstance(self.current, int) else None
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        key = storage_key(st)
-        if key not in self.excluded:
-            self.saved[self.current][key] = st.nbytes()
-        elif key in self.input_keys:
-            self.input_saved = True
-        return t
-
-    def _storages(self, obj: Any) -> dict[int, int]:
-        return {
-            k: s.nbytes()
-            for s in tensor_storages(obj)
-            if (k := storage_key(s)) not in self.excluded
-        }
-
-    def pre_hook(self, i: int):
-        def hook(_m, args):
-            self.inputs[i] = self._storages(args)
-            if i == 0:
-                self.pre_peak = self.t.window_peak - self._start
-                # what the code before unit 0 made and still holds, beyond unit 0's input
-                # and what it saved for backward (an input cast, kept by a frame)
-                made = self.t.live - self._start - _sum(self.inputs[0])
-                self.pre_held = max(made - _sum(self.saved["pre"]), 0)
-            self._note_held(i, args)
-            self.current = i
-            self._start = self.t.reset_window()
-            self._flops_at = self.t.flops
-
-        return hook
-
-    def _note_held(self, i: int, args: Any) -> None:
-        """Unit ``i`` starts: which earlier units' inputs are still alive (not as its input)."""
-        mine = set(self.inputs[i])
-        for j in range(i):
-            alive = (r() for r in self._input_refs[j])
-            if any(st is not None and storage_key(st) not in mine for st in alive):
-                self.held_until[j] = i
-        self._input_refs[i] = [
-            weakref.ref(st) for st in tensor_storages(args) if storage_key(st) not in self.excluded
-        ]
-
-    def post_hook(self, i: int):
-        def hook(_m, _args, out):
-            self.outputs[i] = self._storages(out)
-            leaves = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            self.later_outputs[i] = _sum(self._storages(leaves[1:])) if len(leaves) > 1 else 0
-            self.fwd_peak[i] = self.t.window_peak - self._start
-            self.flops[i] = self.t.flops - self._flops_at
-            self.current = "tail"
-            self._start = self.t.reset_window()
-            if torch.is_grad_enabled():
-                # The first of this unit's output nodes to run marks the start of its backward:
-                # by then every gradient of its output exists and the next unit's backward is
-                # done (autograd runs later-created nodes first).
-                for t in tree_leaves(out):
-                    if isinstance(t, torch.Tensor) and t.grad_fn is not None:
-                        t.grad_fn.register_prehook(self._enter_backward(i))
-
-        return hook
-
-    def _enter_backward(self, i: int):
-        def hook(_grad_outputs):
-            if self._bwd_unit <= i:
-                return None
-            self._close_backward_phase()
-            self._bwd_unit = i
-            self._start = self.t.reset_window()
-            return None
-
-        return hook
-
-    def _close_backward_phase(self) -> None:
-        peak = self.t.window_peak - self._start
-        if self._bwd_unit == self.n:
-            self.tail_bwd_peak = peak
-        else:
-            self.bwd_peak[self._bwd_unit] = peak
-
-    def run(self, spec: ModelSpec, model: nn.Module, units, inputs: Any, grad: bool) -> int:
-        """Run the step; returns the total FLOPs (forward, plus backward when ``grad``)."""
-        handles = []
-        for i, (_, unit) in enumerate(units):
-            # after sharded_param_views' hook: a unit's input is what FSDP2's cast hands it
-            handles.append(unit.register_forward_pre_hook(self.pre_hook(i)))
-            handles.append(unit.register_forward_hook(self.post_hook(i)))
-        try:
-            with (
-                self.t,
-                saved_tensors_hooks(self.pack, lambda t: t),
-                torch.set_grad_enabled(grad),
-            ):
-                self._start = self.t.reset_window()
-                out = model(inputs)
-                if not grad:
-                    return self.t.flops
-                loss = spec.training_loss(out)
-                if self.on_forward_done is not None:
-                    self.on_forward_done()
-                self.loss_bytes = sum(st.nbytes() for st in tensor_storages(loss))
-                self.tail_fwd_peak = self.t.window_peak - self._start
-                del out
-                self._start = self.t.reset_window()
-                loss.backward()
-                self._close_backward_phase()
-                return self.t.flops
-        finally:
-            for h in handles:
-                h.remove()
-
-
-def _sum(d: Mapping[int, int], keys=None) -> int:
-    return sum(v for k, v in d.items() if keys is None or k in keys)
+def _selective_bwd_peaks(
+    spec: ModelSpec, model: nn.Module, inputs: Any, static: list, excluded: set[int], sel: list
+) -> list[int]:
+    """Per unit, the backward's peak (bytes above its start) with units ``sel`` under op-level
+    selective checkpointing as training applies it (:func:`fsdpkit.apply_ac`): torch
+    recomputes at the first use of a value not kept, so what is alive at once depends on the
+    unit's backward order, which only running it shows."""
+    n = len(spec.named_units(model))
+    trace = Trace(LiveMemory(), n, excluded)
+    if not sel:
+        return trace.bwd_peak
+    trace.t.register(static)
+    apply_checkpointing(spec, model, [(0, n, False)], sel)
+    try:
+        trace.run(spec, model, spec.named_units(model), inputs, grad=True)
+    finally:
+        remove_checkpointing(model)
+        model.zero_grad(set_to_none=True)
+    return trace.bwd_peak
 
 
 def _selective_terms(
@@ -394,10 +284,10 @@ def _selective_terms(
     if costs.unsafe[i]:
         return {"fwd_time_s": costs.fwd_time[i]}
     return {
-        "sel_saved_bytes": _sum({k: v for k, v in kept.items() if k not in boundary})
+        "sel_saved_bytes": total_bytes({k: v for k, v in kept.items() if k not in boundary})
         + costs.kept_dead[i],
-        "sel_saves_output_bytes": _sum(kept, own_out),
-        "sel_recomputed_bytes": _sum(
+        "sel_saves_output_bytes": total_bytes(kept, own_out),
+        "sel_recomputed_bytes": total_bytes(
             {k: v for k, v in saved.items() if k not in kept and k not in ins}
         ),
         "sel_recompute_flops": costs.sel_flops[i],
@@ -433,12 +323,12 @@ def profile_model(
     tracker.register(static)
     static_bytes = tracker.live
 
-    plain = _Trace(tracker, len(units), excluded)
+    plain = Trace(tracker, len(units), excluded)
     plain.input_keys = {storage_key(s) for s in tensor_storages(tree_leaves(inputs))}
     costs = OpCosts(len(units), dtype, plain.forward_unit, excluded)
     tracker.on_op = costs
     plain.on_forward_done = costs.finish_forward
-    nograd = _Trace(LiveMemory(), len(units), excluded)
+    nograd = Trace(LiveMemory(), len(units), excluded)
     nograd.t.register(static)
     low = DTYPES[dtype]
     views = (
@@ -446,14 +336,16 @@ def profile_model(
         if low != torch.float32
         else contextlib.nullcontext()
     )
-    with (
-        fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext(),
-        views,
-    ):
-        step_flops = plain.run(spec, model, units, inputs, grad=True)
-        nograd.run(spec, model, units, inputs, grad=False)
-    tracker.on_op = None
-    model.zero_grad(set_to_none=True)
+    with fused_attention_on_meta() if device.type == "meta" else contextlib.nullcontext():
+        with views:
+            step_flops = plain.run(spec, model, units, inputs, grad=True)
+            tracker.on_op = None
+            nograd.run(spec, model, units, inputs, grad=False)
+        model.zero_grad(set_to_none=True)
+        # without the views: recomputation runs in backward, where FSDP2 has the unit's
+        # parameters in the training dtype (the views swap them back after each forward)
+        eligible = [i for i in range(len(units)) if not costs.unsafe[i]]
+        sel_bwd = _selective_bwd_peaks(spec, model, inputs, static, excluded, eligible)
 
     in_units = {id(p) for _, u in units for p in u.parameters()}
     params = list(model.parameters())
@@ -465,10 +357,10 @@ def profile_model(
             UnitProfile(
                 name=name,
                 saved_bytes=sum(v for k, v in saved.items() if k not in boundary),
-                input_bytes=_sum(ins),
-                output_bytes=_sum(outs),
-                saves_input_bytes=_sum(saved, ins.keys()),
-                saves_output_bytes=_sum(saved, outs.keys() - ins.keys()),
+                input_bytes=total_bytes(ins),
+                output_bytes=total_bytes(outs),
+                saves_input_bytes=total_bytes(saved, ins.keys()),
+                saves_output_bytes=total_bytes(saved, outs.keys() - ins.keys()),
                 fwd_peak_bytes=plain.fwd_peak[i],
                 fwd_nograd_peak_bytes=nograd.fwd_peak[i],
                 bwd_peak_bytes=plain.bwd_peak[i],
@@ -477,6 +369,9 @@ def profile_model(
                 param_bytes=sum(p.nbytes for p in unit.parameters()),
                 param_numel=sum(p.numel() for p in unit.parameters()),
                 input_held_until=nograd.held_until[i],
+                sel_bwd_peak_bytes=sel_bwd[i] if i in eligible else None,
+                between_held_bytes=plain.between_held[i],
+                between_held_until=plain.between_until[i],
                 **_selective_terms(saved, ins, outs, costs, i),
             )
         )
@@ -495,10 +390,10 @@ def profile_model(
         max_param_numel=max((p.numel() for p in params), default=0),
         buffer_bytes=sum(b.nbytes for b in model.buffers()),
         input_bytes=sum(t.nbytes for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)),
-        pre_saved_bytes=_sum(plain.saved["pre"]),
+        pre_saved_bytes=total_bytes(plain.saved["pre"]),
         pre_peak_bytes=plain.pre_peak,
         tail_saved_bytes=sum(v for k, v in plain.saved["tail"].items() if k not in last_out),
-        tail_saves_input_bytes=_sum(plain.saved["tail"], last_out),
+        tail_saves_input_bytes=total_bytes(plain.saved["tail"], last_out),
         tail_fwd_peak_bytes=plain.tail_fwd_peak,
         tail_bwd_peak_bytes=plain.tail_bwd_peak,
         step_flops=step_flops,

@@ -54,11 +54,16 @@ class LiveMemory(TorchDispatchMode):
         self.on_update = None
         self.on_op = None  # on_op(func, args, kwargs, out, flops): per-operator costs
         self._storages: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.created = 0  # storages counted so far: a serial for "made since"
 
     def register(self, tensors: Iterable[Any]) -> None:
         """Count storages that already exist (parameters, buffers, inputs, optimizer state)."""
         for st in tensor_storages(list(tensors)):
             self._add(st)
+
+    def made_since(self, serial: int) -> list[torch.UntypedStorage]:
+        """Live storages counted after the ``serial``-th (compare :attr:`created` earlier)."""
+        return [st for st, (_, _, k) in list(self._storages.items()) if k > serial]
 
     def reset_window(self) -> int:
         self.window_peak = self.live
@@ -76,7 +81,8 @@ class LiveMemory(TorchDispatchMode):
         if st in self._storages:
             return
         nbytes = st.nbytes()
-        self._storages[st] = (nbytes, weakref.ref(st, self._freer(nbytes)))
+        self.created += 1
+        self._storages[st] = (nbytes, weakref.ref(st, self._freer(nbytes)), self.created)
         self.live += nbytes
         self._changed()
 

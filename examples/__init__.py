@@ -1,0 +1,1 @@
+"""Runnable examples (``fsdpkit plan --model examples.hf_vision:convnext_tiny ...``)."""
