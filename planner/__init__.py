@@ -8,9 +8,11 @@ checkpoint segmentation, and solve for the plan with the least recomputation tha
     plan.segments   # ((0, 6, True), (6, 21, True), (21, 28, False))
 
 :mod:`planner.oracle` checks predictions against PyTorch's ``MemTracker`` / ``FSDPMemTracker``
-and verifies plans (``plan_checkpoints(..., verify=tracker_verifier(...)[0])``).
+and verifies plans (``plan_checkpoints(..., verify=tracker_verifier(...)[0])``);
+:func:`recompute_lower_bound` says how little any plan could recompute.
 """
 
+from .bound import recompute_lower_bound
 from .measure import MeasuredStep, measure_step
 from .memory import MemoryConfig, MemoryEstimate, estimate, held_input_bytes, static_floor_bytes
 from .oracle import fsdp_memtracker_peak, memtracker_peak, tracker_verifier
@@ -18,6 +20,7 @@ from .plan import Plan, make_plan
 from .profile import DTYPES, ModelProfile, UnitProfile, emulate_mixed_precision, profile_model
 from .solve import (
     OBJECTIVES,
+    UnitCosts,
     minmax_partition,
     plan_checkpoints,
     solve_minmax,
@@ -35,6 +38,7 @@ __all__ = [
     "MemoryEstimate",
     "ModelProfile",
     "Plan",
+    "UnitCosts",
     "UnitProfile",
     "emulate_mixed_precision",
     "estimate",
@@ -46,6 +50,7 @@ __all__ = [
     "minmax_partition",
     "plan_checkpoints",
     "profile_model",
+    "recompute_lower_bound",
     "solve_minmax",
     "solve_recompute",
     "sqrt_segments",

@@ -220,3 +220,14 @@ def test_units_glob_overrides_discovery(capsys):
     out = run_json(capsys, "plan", "--model", "oracle_models:vit_module", "--input", "3x32x32",
                    "--units", "vit.layers.*", *ANY_MODULE)  # fmt: skip
     assert out["units"] == [f"vit.layers.{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize(("factory", "units"), [("convnext_tiny", 5), ("vit_base", 13)])
+def test_the_readme_plans_transformers_models_in_one_command(factory, units, capsys, monkeypatch):
+    """The README's commands, from the repository root: ConvNeXt-T and ViT-B/16 at 224 px,
+    batch 8, default setup (FSDP, 8 ranks, fp16, 40 GiB), no ModelSpec written."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    out = run_json(capsys, "plan", "--model", f"examples.hf_vision:{factory}", "--input",
+                   "3x224x224", "--batch", "8")  # fmt: skip
+    assert len(out["units"]) == units and out["fits"]
+    assert out["peak_bytes"] <= out["budget_bytes"]

@@ -15,8 +15,16 @@ from torch import nn
 from fsdpkit import FsdpkitError, apply_ac
 from fsdpkit.cli import main
 from kitcore import ModelSpec, get_model_spec
-from planner import MemoryConfig, Plan, estimate, plan_checkpoints, profile_model
-from planner.devices import GPUS, roofline_seconds
+from planner import (
+    MemoryConfig,
+    Plan,
+    UnitCosts,
+    estimate,
+    plan_checkpoints,
+    profile_model,
+    recompute_lower_bound,
+)
+from planner.devices import DEFAULT_GPU, GPUS, roofline_seconds
 from planner.memory import static_floor_bytes
 
 pytest.importorskip("transformers")
@@ -56,6 +64,12 @@ def test_op_granularity_fits_whenever_units_fit_and_recomputes_no_longer(name, f
         assert op.recompute_time_s <= unit.recompute_time_s * 1.05 + 1e-12
     if op.fits:
         assert estimate(prof, list(op.segments), cfg, op.selective).peak_bytes <= budget
+    # no plan of the same choices recomputes less than the lower bound
+    costs = UnitCosts.roofline(prof, DEFAULT_GPU)
+    for plan, sel in ((op, True), (unit, False)):
+        bound = recompute_lower_bound(prof, budget, cfg, costs, selective=sel)
+        if plan.fits:
+            assert bound is not None and bound <= plan.recompute_time_s * (1 + 1e-9)
 
 
 def test_the_profile_prices_units_on_every_named_gpu():

@@ -12,10 +12,12 @@ from fsdpkit import FsdpkitError
 from planner import (
     MemoryConfig,
     ModelProfile,
+    UnitCosts,
     UnitProfile,
     estimate,
     minmax_partition,
     plan_checkpoints,
+    recompute_lower_bound,
     solve_minmax,
     solve_recompute,
     sqrt_segments,
@@ -171,3 +173,25 @@ def test_sqrt_segments_tile_the_chain(n):
     segs = sqrt_segments(n)
     assert segs[0][0] == 0 and segs[-1][1] == n and not segs[-1][2]
     assert all(a[1] == b[0] for a, b in itertools.pairwise(segs))
+
+
+@given(profiles(), configs, st.floats(0.0, 1.0))
+def test_the_lower_bound_is_below_every_segmentation_that_fits(prof, cfg, where):
+    """recompute_lower_bound against brute force: no fitting segmentation recomputes less;
+    None only when none fits; 0 when the plain step fits."""
+    n = len(prof.units)
+    plain = estimate(prof, [(0, n, False)], cfg).peak_bytes
+    floor = static_floor_bytes(prof, cfg)
+    budget = int(floor + where * (plain - floor))
+    bound = recompute_lower_bound(prof, budget, cfg, UnitCosts.flops(prof), selective=False)
+    feasible = [
+        recompute(prof, segs)
+        for segs in all_segmentations(n)
+        if estimate(prof, segs, cfg).peak_bytes <= budget
+    ]
+    if bound is None:
+        assert not feasible
+        return
+    assert bound == 0.0 if plain <= budget else bound > 0.0
+    if feasible:
+        assert bound <= min(feasible) + 1e-9
