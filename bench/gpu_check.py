@@ -10,6 +10,12 @@ time (median of 5 after a warm-up) beside the plan's roofline recompute-time fra
 time model can be checked against the device. Error = (predicted - measured) / measured; the
 planner's standard is [0, +3%] against the allocator.
 
+BatchNorm in FP16/BF16 (:func:`bn_rows`), per path: torch's kernel (what a group of one runs),
+``BatchNormFn`` on torch's fused sync-BN kernels (CUDA: what a synchronised group runs there)
+and on its composed ops (what a synchronised group runs on CPU): error against float64 over
+the noise floor, bytes saved for backward over the input's, and the peak allocated above the
+start through forward and backward.
+
     python bench/gpu_check.py [--out bench/results/gpu_check.json] [--budget-s 480]
     python bench/gpu_check.py --dry-run     # no GPU: small models, real CPU tensors (tests)
 """
@@ -17,6 +23,7 @@ planner's standard is [0, +3%] against the allocator.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -24,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from rich.table import Table
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
@@ -60,6 +68,84 @@ def _toy() -> ModelSpec:
     import toy_models
 
     return toy_models.vit_spec()
+
+
+BN_SHAPE = (16, 256, 28, 28)  # (N, C, H, W): a large stage's BatchNorm input
+BN_DRY_SHAPE = (8, 16, 6, 6)
+
+
+def bn_rows(device: str, shape: tuple[int, ...]) -> list[dict]:
+    """One row per (dtype, path) of fsdpkit's BatchNorm at world size 1: see the module
+    docstring. ``err_over_floor`` <= ~1.25 is FP32 arithmetic on the low-precision input."""
+    import torch.nn.functional as F
+
+    from fsdpkit import syncbn
+    from planner import LiveMemory
+
+    gen = torch.Generator().manual_seed(0)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1
+    r64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    c, rows = shape[1], []
+    w64 = torch.linspace(-1.0, 2.0, c, dtype=torch.float64)
+    b64 = torch.linspace(0.5, -0.25, c, dtype=torch.float64)
+
+    def reference(xr, rr, acc, low=None):
+        x_ = xr.to(acc).clone().requires_grad_()
+        out = F.batch_norm(x_, None, None, w64.to(acc), b64.to(acc), True, 0.1, 1e-5)
+        (out * rr.to(acc)).sum().backward()
+        res = (out.detach(), x_.grad)
+        return res if low is None else tuple(t.to(low).double() for t in res)
+
+    paths = {"torch kernel": None, "fused sync-BN kernels": True, "composed ops": False}
+    for dt in (torch.float16, torch.bfloat16):
+        xr, rr = x64.to(dt).double(), r64.to(dt).double()
+        ref = reference(xr, rr, torch.float64)
+        f32 = reference(xr, rr, torch.float32, dt)
+        floor = [(a - b).abs().max().item() for a, b in zip(f32, ref, strict=True)]
+        for name, fused in paths.items():
+            if fused and device != "cuda":
+                continue  # torch's sync-BN kernels are CUDA-only
+            x = xr.to(dt).to(device).requires_grad_()
+            w = w64.float().to(device).requires_grad_()
+            b = b64.float().to(device).requires_grad_()
+            rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+            saved: list[int] = []
+            tracker = LiveMemory()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
+            else:
+                tracker.register([x, w, b, rm, rv])
+                start = tracker.live
+            keep = syncbn._use_fused_kernels
+            if fused is False:
+                syncbn._use_fused_kernels = lambda _t: False
+            try:
+                with tracker if device != "cuda" else contextlib.nullcontext():
+                    with torch.autograd.graph.saved_tensors_hooks(
+                        lambda t, saved=saved: saved.append(t.nbytes) or t, lambda t: t
+                    ):
+                        if fused is None:
+                            out = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+                        else:
+                            out = syncbn.BatchNormFn.apply(x, w, b, rm, rv, 1e-5, 0.1, None, 1)
+                    (out * rr.to(dt).to(device)).sum().backward()
+            finally:
+                syncbn._use_fused_kernels = keep
+            if device == "cuda":
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - start
+            else:
+                peak = tracker.peak - start
+            err = [(out.detach().double().cpu() - ref[0]).abs().max().item(),
+                   (x.grad.double().cpu() - ref[1]).abs().max().item()]  # fmt: skip
+            rows.append({
+                "dtype": str(dt).removeprefix("torch."), "path": name, "shape": list(shape),
+                "err_over_floor": max(e / max(f, 1e-30) for e, f in zip(err, floor, strict=True)),
+                "saved_over_input": sum(saved) / x.nbytes, "peak_over_input": peak / x.nbytes,
+            })  # fmt: skip
+    return rows
 
 
 def check_case(label: str, spec: ModelSpec, batch: int, device: str) -> list[dict]:
@@ -138,8 +224,9 @@ def run(cases, device: str, budget_s: float) -> dict:
             skipped.append(label)
             continue
         rows += check_case(label, factory(), batch, device)
+    bn = bn_rows(device, BN_SHAPE if device == "cuda" else BN_DRY_SHAPE)
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
-    return {"device": device, "gpu": gpu, "rows": rows, "skipped": skipped,
+    return {"device": device, "gpu": gpu, "rows": rows, "skipped": skipped, "batchnorm": bn,
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -172,6 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu_check: error: no CUDA device (use --dry-run to test the script)")
             return 2
         data = run(GPU_CASES, "cuda", args.budget_s)
+    bn = Table(title="BatchNorm, world size 1 (error / noise floor; bytes / input bytes)")
+    for col in ("dtype", "path", "error / floor", "saved / input", "peak / input"):
+        bn.add_column(col)
+    for r in data["batchnorm"]:
+        bn.add_row(r["dtype"], r["path"], f"{r['err_over_floor']:.2f}",
+                   f"{r['saved_over_input']:.2f}", f"{r['peak_over_input']:.2f}")  # fmt: skip
+    Console(width=150).print(bn)
     report(_table(data), args.out, data)
     return 0
 

@@ -224,3 +224,14 @@ def test_gpu_check_dry_run_writes_its_json(tmp_path):
         assert r["step_time_s"] > 0 and 0 <= r["recompute_time_fraction"] < 1
         assert_within(r["predicted_bytes"], r["measured_bytes"], r["model"])
         assert r["memtracker_bytes"] == r["measured_bytes"]
+    # BatchNorm in FP16/BF16 (the fused sync-BN kernels are CUDA-only): FP32 arithmetic on
+    # the low-precision input, the input kept in its own dtype, and torch's kernel (a group
+    # of one) without the composed path's FP32 temporaries
+    bn = {(r["dtype"], r["path"]): r for r in data["batchnorm"]}
+    assert set(bn) == {(d, p) for d in ("float16", "bfloat16")
+                       for p in ("torch kernel", "composed ops")}  # fmt: skip
+    for r in bn.values():
+        assert r["err_over_floor"] <= 1.25 and r["saved_over_input"] < 1.1, r
+    for dtype in ("float16", "bfloat16"):
+        kernel, composed = bn[(dtype, "torch kernel")], bn[(dtype, "composed ops")]
+        assert kernel["peak_over_input"] < composed["peak_over_input"], (kernel, composed)
