@@ -80,7 +80,7 @@ def _tensor_source() -> str:
 
     if torch.cuda.is_available():
         return "torch.cuda.max_memory_allocated"
-    return "live tensors of one tracked step"
+    return "FSDPMemTracker over one step"
 
 
 def _pretrain(a: argparse.Namespace) -> int:
