@@ -25,7 +25,7 @@ from kitcore import FsdpkitError, FSDPPolicy, ModelSpec
 from ._wrapper import apply_checkpointing, shard_like_training
 from .measure import sgd, training_step
 
-__all__ = ["fsdp_memtracker_peak", "memtracker_peak", "tracker_verifier"]
+__all__ = ["fsdp_memtracker_peak", "fsdp_step_tracker", "memtracker_peak", "tracker_verifier"]
 
 
 def memtracker_peak(
@@ -97,9 +97,7 @@ def fsdp_memtracker_peak(
     none. ``breakdown`` (optional) receives the tracker's categories at the peak."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
@@ -118,19 +116,28 @@ def fsdp_memtracker_peak(
 
             step = training_step(spec, model, opt, inputs)
             step()
-            tracker = FSDPMemTracker(model, opt)
-            # FSDPMemTracker counts the parameters FSDP manages, and others only once the
-            # optimizer steps; replicated BatchNorm ones (fully_shard's ignored_params) exist
-            # through the whole step: counted from the start (filed under "Inputs", the one
-            # category of external tensors it sums)
-            plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
-            leaves = [t for t in tree_leaves(inputs) if torch.is_tensor(t)]
-            tracker.track_inputs((*leaves, *plain))
+            tracker = fsdp_step_tracker(model, opt, inputs)
             with tracker:
                 step()
             return _peak(tracker, dev, breakdown)
     finally:
         dist.destroy_process_group()
+
+
+def fsdp_step_tracker(model, optimizer, inputs):
+    """An ``FSDPMemTracker`` for one step of a model sharded with ``fully_shard``: the model's
+    ``inputs`` (nested tensors) counted from the start, and so are the parameters FSDP does
+    not manage (replicated BatchNorm, ``fully_shard``'s ignored_params), which it would count
+    only once the optimizer steps although they exist through the whole step (filed under
+    "Inputs", the one category of external tensors it sums). Enter it around the step."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.tensor import DTensor
+
+    tracker = FSDPMemTracker(model, optimizer)
+    plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
+    leaves = [t for t in tree_leaves(inputs) if torch.is_tensor(t)]
+    tracker.track_inputs((*leaves, *plain))
+    return tracker
 
 
 def tracker_verifier(spec: ModelSpec, batch_size: int, cfg, dtype: str = "fp32"):

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from ckpt import latest_checkpoint, list_checkpoints, load_sharded, reslice
 from ckpt.sharded import save_sharded, wait_for_saves
 from fsdpkit import FsdpkitError
 from planner import Plan
+from planner.oracle import fsdp_step_tracker
 
 from .data import (
     ImageFolder,
@@ -156,10 +156,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _tracked(run: Callable[[], Any], model, optimizer, crops) -> tuple[Any, int]:
     """``run()`` under PyTorch's ``FSDPMemTracker``: its result and the peak bytes of tensors
     on this rank while it ran (parameters, gradients, buffers, optimizer state and the crops
@@ -168,11 +164,7 @@ def _tracked(run: Callable[[], Any], model, optimizer, crops) -> tuple[Any, int]
     of storage creation (``planner.LiveMemory``) reads as still alive: on ``tiny`` it read
     1 MB (1.5%) above this one on the same step. Costs Python work per op: done for one step,
     not every step."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
-    tracker = FSDPMemTracker(model, optimizer)  # LARC is the optimizer that steps
-    plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
-    tracker.track_inputs((*crops, *plain))
+    tracker = fsdp_step_tracker(model, optimizer, crops)  # LARC is the optimizer that steps
     with tracker:
         out = run()
     device = crops[0].device
