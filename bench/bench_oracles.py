@@ -98,16 +98,16 @@ def rg400_rows(batch: int = 16) -> list[dict]:
                      (300, MemoryConfig(world_size=8, sharded=True))]:  # fmt: skip
         plan = plan_checkpoints(prof, mib * MIB, cfg)
         if cfg.sharded:
-            meas = fsdp_memtracker_peak(spec, batch, plan.segments, selective=plan.selective,
+            meas = fsdp_memtracker_peak(spec, batch, plan.segments, selective=plan.selective_spec,
                                         world_size=cfg.world_size)  # fmt: skip
         else:
-            meas = memtracker_peak(spec, batch, plan.segments, selective=plan.selective)
+            meas = memtracker_peak(spec, batch, plan.segments, selective=plan.selective_spec)
         rows.append({
             "budget_mib": mib, "world_size": cfg.world_size if cfg.sharded else 1,
             "fits": plan.fits, "predicted": plan.peak_bytes, "measured": meas,
             "tracker": "FSDPMemTracker" if cfg.sharded else "MemTracker",
             "error": _err(plan.peak_bytes, meas), "under_budget": meas <= mib * MIB,
-            "segments": [list(s) for s in plan.segments], "selective": list(plan.selective),
+            "segments": [list(s) for s in plan.segments], "selective": plan.selective_spec,
         })  # fmt: skip
         print(f"400MF {mib} MiB ws {rows[-1]['world_size']}: done", flush=True)
     return rows

@@ -100,7 +100,7 @@ def comparison() -> list[dict]:
                          "recompute_fraction": p.recompute_fraction, "fits": p.fits,
                          "recompute_time_fraction": p.recompute_time_fraction,
                          "segments": [list(s) for s in p.segments],
-                         "selective": list(p.selective)})  # fmt: skip
+                         "selective": p.selective_spec})  # fmt: skip
     return rows
 
 
@@ -117,12 +117,13 @@ def accuracy() -> list[dict]:
             plan = plan_checkpoints(prof, (plain + lowest) // 2, step)
             for label, segs, sel in (
                 ("none", [(0, n, False)], ()),
-                ("planned", list(plan.segments), plan.selective),
+                ("planned", list(plan.segments), plan.selective_spec),
             ):
                 predicted = estimate(prof, segs, step, sel).peak_bytes
                 measured = measure_step(spec, batch, segs, selective=sel).peak_bytes
                 rows.append({"model": name, "batch": batch, "plan": label,
-                             "segments": [list(s) for s in segs], "selective": list(sel),
+                             "segments": [list(s) for s in segs],
+                             "selective": [list(x) for x in sel],
                              "predicted_bytes": predicted,
                              "measured_bytes": measured,
                              "error": (predicted - measured) / measured})  # fmt: skip

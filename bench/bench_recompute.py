@@ -1,25 +1,23 @@
 """Activation recomputation side by side at equal measured peak memory (CPU, FP32, one process).
 
-Per model (``tiny`` batch 8; transformers ``regnet``/``vit`` from ``tests/oracle_models.py``)
-and per budget (60 % and 80 % of the way from the static floor to the plain predicted peak):
+Per model (``tiny`` batch 8; transformers ``regnet``/``vit`` from ``tests/oracle_models.py``):
 
-- ours, ``granularity="op"`` and ``"unit"``: ``plan_checkpoints(prof, budget, MemoryConfig())``;
-  predicted peak, MemTracker peak (fake tensors), recompute FLOPs % of a step and the roofline
-  recompute-time % (on ``--gpu``), measured CPU step time (median) and its ratio to plain;
-- ``torch.compile`` with ``torch._functorch.config.activation_memory_budget`` swept over
-  ``--compile-budgets``: the min-cut partitioner's fw/bw graphs are captured, recompute FLOPs =
-  backward-graph FLOPs minus those at budget 1.0; bytes saved for backward by a pack hook
-  around the compiled call; step time. ``--compile partition`` (default) runs the partitioned
-  graphs eagerly (inductor's decompositions and partitioner, no C++ codegen: cold inductor
-  compiles took 3-5 min per budget for tiny on 2 busy cores); ``--compile inductor`` compiles them;
-- the one instrument all rows share: the allocator peak of one steady-state step (forward,
-  backward, SGD step), from ``torch.profiler``'s ``[memory]`` events plus the bytes alive
-  before the step. "at equal peak": per budget, the compile setting whose allocator peak
-  fits with the fastest step;
-- ``torch.distributed._tools.sac_ilp.sac_milp``: needs CUDA (its RuntimeEstimator); reported
-  unavailable otherwise.
+- plain: no checkpointing;
+- peers, each swept over its own knob: ``torch.compile`` with
+  ``torch._functorch.config.activation_memory_budget`` (``_compile_peer.py``), and
+  ``torch.distributed._tools.sac_ilp`` (``_sac_ilp.py``: torch's estimators and MILPs, applied
+  per operator through ``torch.utils.checkpoint``; needs ``pulp`` and ``pwlf``);
+- budgets: 60 % and 80 % of the way from the static floor to the plain predicted peak, and
+  *each peer setting's own measured peak*. At each, ours at ``granularity="op"`` and
+  ``"unit"`` (``plan_checkpoints``, re-planned tighter until its measured peak fits), and the
+  best setting of each peer that fits (least roofline time);
+- one instrument for all rows (``_roofline.py``): the allocator peak of one steady-state step
+  (forward, backward, SGD step) from ``torch.profiler``'s ``[memory]`` events plus the bytes
+  alive before it; the FLOPs and roofline time (``--gpu``) of the operators each step really
+  runs, recomputation included, minus those of its reference step; CPU step time (median).
 
-Then regnet10b (batch 16, fp16, FSDP policy on 8 ranks, 40 GiB), symbolic: op vs unit.
+Then regnet10b (batch 16, fp16, FSDP policy on 8 ranks, 40 GiB), symbolic: op vs unit, and the
+lower bound of :func:`planner.recompute_lower_bound`.
 
     python bench/bench_recompute.py [--quick] [--models tiny,regnet,vit] [--out PATH]
 """
@@ -32,14 +30,17 @@ import sys
 import time
 from pathlib import Path
 
+import _sac_ilp
 import torch
+from _compile_peer import compile_row
 from _report import report
+from _roofline import count_step
+from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
-from torch.utils._pytree import tree_leaves, tree_map
-from torch.utils.flop_counter import flop_registry
+from torch.utils._pytree import tree_leaves
 
-from kitcore import FSDPPolicy, get_model_spec
+from kitcore import FsdpkitError, FSDPPolicy, get_model_spec
 from planner import (
     MemoryConfig,
     UnitCosts,
@@ -51,6 +52,7 @@ from planner import (
     static_floor_bytes,
 )
 from planner._wrapper import apply_checkpointing
+from planner.devices import get_device
 from planner.measure import sgd, training_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -58,11 +60,11 @@ GIB, MIB = 2**30, 2**20
 
 
 def spec_for(name: str):
-    if name == "tiny":
-        return get_model_spec("tiny")
+    """transformers' ``regnet``/``vit``/... from ``tests/oracle_models.py``, else a registry
+    name (``tiny``, ``rg8gf``)."""
     from oracle_models import HF_SPECS
 
-    return HF_SPECS[name]()
+    return HF_SPECS[name]() if name in HF_SPECS else get_model_spec(name)
 
 
 def static_bytes(model, opt, inputs) -> int:
@@ -98,179 +100,126 @@ def measure(step, model, opt, inputs, steps: int) -> dict:
     return {"alloc_peak_bytes": base + peak, "step_s": statistics.median(times)}
 
 
-def eager_row(spec, batch, segments, selective, steps) -> dict:
+def eager_row(spec, batch, apply, steps, device) -> dict:
+    """Allocator peak, step time, and (a further step) FLOPs and roofline time of an eager
+    step of ``spec`` after ``apply(model)``."""
     torch.manual_seed(0)
     model = spec.build_model(torch.device("cpu")).train()
-    apply_checkpointing(spec, model, segments, selective)
+    apply(model)
     opt = sgd(model, 1e-5)
     inputs = spec.example_input(batch, torch.device("cpu"))
-    return measure(training_step(spec, model, opt, inputs), model, opt, inputs, steps)
+    step = training_step(spec, model, opt, inputs)
+    return {**measure(step, model, opt, inputs, steps), **count_step(step, device)}
 
 
-def graph_flops(gm: torch.fx.GraphModule) -> int:
-    total = 0
-    for n in gm.graph.nodes:
-        pkt = getattr(n.target, "_overloadpacket", None) if n.op == "call_function" else None
-        if pkt in flop_registry and "val" in n.meta:
-            args, kwargs = tree_map(
-                lambda v: v.meta.get("val") if isinstance(v, torch.fx.Node) else v,
-                (n.args, n.kwargs),
-            )
-            total += flop_registry[pkt](*args, **kwargs, out_val=n.meta["val"])
-    return total
+def ours(spec, segments, selective):
+    return lambda model: apply_checkpointing(spec, model, segments, selective)
 
 
-def make_backend(kind: str, graphs: dict):
-    def record(gm, backward: bool) -> None:
-        graphs["bw" if backward else "fw"] += graph_flops(gm)
-
-    if kind == "inductor":
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-        def inner(gm, inputs, **kw):
-            record(gm, bool(kw.get("is_backward")))
-            return compile_fx_inner(gm, inputs, **kw)
-
-        return lambda gm, ex: compile_fx(gm, ex, inner_compile=inner)
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
-    from torch._inductor.decomposition import select_decomp_table
-
-    def compiler(backward: bool):
-        def comp(gm, _inputs):
-            record(gm, backward)
-            return make_boxed_func(gm.forward)
-
-        return comp
-
-    return aot_autograd(
-        fw_compiler=compiler(False), bw_compiler=compiler(True),
-        partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table(),
-    )  # fmt: skip
+def relative(row: dict, ref: dict) -> dict:
+    """Recompute = this row's counted step minus its reference's (same instrument)."""
+    extra_s = row["roofline_s"] - ref["roofline_s"]
+    return {**row, "recompute_flops": row["flops"] - ref["flops"],
+            "recompute_fraction": (row["flops"] - ref["flops"]) / ref["flops"],
+            "recompute_time_fraction": extra_s / ref["roofline_s"],
+            "step_ratio": row["step_s"] / ref["plain_step_s"]}  # fmt: skip
 
 
-def compile_row(spec, batch, act_budget: float, kind: str, steps: int) -> dict:
-    import torch._functorch.config as fcfg
-
-    torch._dynamo.reset()
-    fcfg.activation_memory_budget = act_budget
-    fcfg.enable_autograd_cache = False  # the partition must run, so its graphs are seen
-    graphs = {"fw": 0, "bw": 0}
-    torch.manual_seed(0)
-    model = spec.build_model(torch.device("cpu")).train()
-    opt = sgd(model, 1e-5)
-    inputs = spec.example_input(batch, torch.device("cpu"))
-    compiled = torch.compile(model, backend=make_backend(kind, graphs))
-    step = training_step(spec, compiled, opt, inputs)
-    t = time.perf_counter()
-    step()  # compiles forward and backward
-    compile_s = time.perf_counter() - t
-    saved: dict[int, int] = {}
-
-    def pack(x):
-        saved[x.untyped_storage()._cdata] = x.untyped_storage().nbytes()
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        loss = spec.training_loss(compiled(inputs))
-    loss.backward()
-    opt.zero_grad(set_to_none=True)
-    del loss
-    row = measure(step, model, opt, inputs, steps)
-    fcfg.activation_memory_budget = 1.0
-    return {"method": f"compile amb={act_budget:g}", "activation_memory_budget":
-            act_budget, "compile_s": compile_s, "saved_bytes": sum(saved.values()),
-            "fw_flops": graphs["fw"], "bw_flops": graphs["bw"], **row}  # fmt: skip
-
-
-def sac_ilp_status(spec, batch, budget) -> dict:
-    """``sac_milp`` needs SACEstimator/RuntimeEstimator stats, which need CUDA."""
+def sac_sweep(spec, batch, fractions, steps, device, plain) -> tuple[list[dict], dict]:
+    """``sac_ilp`` at ``fractions`` of its own plain-peak model, each answer applied and run."""
     try:
         import pulp  # noqa: F401
-    except ImportError:
-        return {"method": "sac_ilp", "status": "unavailable: pulp not installed"}
-    if not torch.cuda.is_available():
-        return {"method": "sac_ilp", "status": "unavailable: needs CUDA (RuntimeEstimator and "
-                "SACEstimator (roofline asserts torch.cuda.is_available(); "
-                "benchmark mode times with CUDA events); this run is CPU-only"}  # fmt: skip
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools import MemTracker, RuntimeEstimator, SACEstimator
-    from torch.distributed._tools.ilp_utils import (
-        aggregate_stats,
-        get_peak_memory_runtime_baseline,
-        parse_module_info,
-    )
-    from torch.distributed._tools.sac_ilp import sac_milp
-
-    mode, dev = "operator-level-cost-model", torch.device("cuda")
-    with FakeTensorMode():
-        model = spec.build_model(dev).train()
-        opt, x = sgd(model, 1e-5), spec.example_input(batch, dev)
-        step = training_step(spec, model, opt, x)
-        step()
-        mt = MemTracker()
-        mt.track_external(model, opt)
-        with mt:
-            step()
-        rt = RuntimeEstimator()
-        with rt(estimate_mode_type=mode):
-            step()
-        sac = SACEstimator()
-        with sac(estimate_mode_type=mode):
-            loss = spec.training_loss(model(x))
-        loss.backward()
-        graph = parse_module_info(aggregate_stats(model, mt, rt, sac, dev))
-    _, compute_ms = get_peak_memory_runtime_baseline(graph)
-    decisions, recompute_ms, peak = sac_milp(graph, memory_budget=budget / GIB)
-    frac = recompute_ms / compute_ms if compute_ms else 0.0
-    return {"method": "sac_ilp", "status": "ILP solved (not applied: no applier here)",
-            "decisions": decisions, "ilp_peak_bytes": peak,
-            "recompute_time_fraction": frac}  # fmt: skip
+        import pwlf  # noqa: F401
+    except ImportError as e:
+        return [], {"status": f"unavailable: {e.name} not installed (pip install pulp pwlf)"}
+    t = time.perf_counter()
+    stats = _sac_ilp.collect(spec, batch, device)
+    info = {"status": "run", "collect_s": time.perf_counter() - t,
+            "baseline_peak_bytes": stats.baseline_peak_bytes}  # fmt: skip
+    rows = []
+    for f in fractions:
+        policies = _sac_ilp.solve(stats, int(f * stats.baseline_peak_bytes))
+        if policies is None:
+            rows.append({"method": f"sac_ilp {f:g}", "status": "MILP infeasible"})
+            continue
+        row = eager_row(spec, batch, lambda m, p=policies: _sac_ilp.apply(m, p), steps, device)
+        rows.append(relative({"method": f"sac_ilp {f:g}", "sac_budget_fraction": f,
+                              "kept_ops": {k: f"{sum(v)}/{len(v)}" for k, v in
+                                           policies.items()}, **row}, plain))  # fmt: skip
+    return rows, info
 
 
-def run_model(name: str, batch: int, fractions, act_budgets, kind: str, steps: int, gpu: str):
+def ours_at(spec, prof, cfg, budget, batch, steps, device, plain) -> list[dict]:
+    """Our op- and unit-granularity plans at ``budget`` (planner bytes, equal to MemTracker's),
+    tightened until the allocator's measured peak is within ``budget`` too."""
+    rows = []
+    for gran in ("op", "unit"):
+        target, plan, row = budget, None, None
+        for _ in range(3):
+            try:
+                found = plan_checkpoints(prof, target, cfg, granularity=gran, device=device.name)
+            except FsdpkitError:  # tightened below the static floor: keep the last plan
+                break
+            plan = found
+            apply = ours(spec, plan.segments, plan.selective_spec)
+            row = eager_row(spec, batch, apply, steps, device)
+            over = row["alloc_peak_bytes"] - budget
+            if over <= 0 or not plan.fits:
+                break
+            target -= over
+        rows.append(relative({
+            "method": f"ours ({gran})", "predicted_bytes": plan.peak_bytes,
+            "memtracker_bytes": memtracker_peak(spec, batch, plan.segments,
+                                                selective=plan.selective_spec),
+            "planned_recompute_time_fraction": plan.recompute_time_fraction,
+            "choices": plan.choices(), "segments": [list(s) for s in plan.segments],
+            "selective": plan.selective_spec, "fits_predicted": plan.fits, **row,
+        }, plain))  # fmt: skip
+    return rows
+
+
+def best_fitting(rows: list[dict], budget: int) -> dict | None:
+    """The peer setting that fits ``budget`` (allocator peak) with the least roofline time."""
+    fitting = [r for r in rows if "alloc_peak_bytes" in r and r["alloc_peak_bytes"] <= budget]
+    return min(fitting, key=lambda r: r["roofline_s"]) if fitting else None
+
+
+def run_model(name, batch, fractions, act_budgets, sac_fractions, kind, steps, device):
     spec = spec_for(name)
     prof, cfg = profile_model(spec, batch), MemoryConfig()
     n = len(prof.units)
     floor = static_floor_bytes(prof, cfg)
     plain_pred = estimate(prof, [(0, n, False)], cfg).peak_bytes
+    plain = eager_row(spec, batch, lambda m: None, steps, device)
     plain = {"method": "plain (no checkpointing)", "predicted_bytes": plain_pred,
-             "memtracker_bytes": memtracker_peak(spec, batch, [(0, n, False)]),
-             **eager_row(spec, batch, [(0, n, False)], (), steps)}  # fmt: skip
+             "memtracker_bytes": memtracker_peak(spec, batch, [(0, n, False)]), **plain,
+             "plain_step_s": plain["step_s"]}  # fmt: skip
+
+    def measured(step, model, opt, inputs):
+        return measure(step, model, opt, inputs, steps)
+
     sweep = sorted({1.0, *act_budgets}, reverse=True)
-    compiled = [compile_row(spec, batch, b, kind, steps) for b in sweep]
+    compiled = [compile_row(spec, batch, b, kind, measured, device) for b in sweep]
     ref = next(c for c in compiled if c["activation_memory_budget"] == 1.0)
-    step_flops = ref["fw_flops"] + ref["bw_flops"]
-    for c in compiled:
-        c["recompute_flops"] = c["bw_flops"] - ref["bw_flops"]
-        c["recompute_fraction"] = c["recompute_flops"] / step_flops if step_flops else 0.0
-        c["step_ratio"] = c["step_s"] / plain["step_s"]
+    ref = {**ref, "plain_step_s": plain["step_s"]}
+    compiled = [relative(c, ref) for c in compiled]
+    sac_rows, sac_info = sac_sweep(spec, batch, sac_fractions, steps, device, plain)
+    # budgets: fixed shares of the way from the static floor to the plain peak, then each
+    # peer setting's own measured peak, so every peer is met where it actually lands
+    targets = [(f"{f:.0%}", int(floor + f * (plain_pred - floor))) for f in fractions]
+    targets += [(r["method"], r["alloc_peak_bytes"]) for r in (*compiled, *sac_rows)
+                if r.get("alloc_peak_bytes", plain["alloc_peak_bytes"])
+                < plain["alloc_peak_bytes"]]  # fmt: skip
     budgets = []
-    for frac in fractions:
-        budget = int(floor + frac * (plain_pred - floor))
-        rows = []
-        for gran in ("op", "unit"):
-            plan = plan_checkpoints(prof, budget, cfg, granularity=gran, device=gpu)
-            row = eager_row(spec, batch, plan.segments, plan.selective, steps)
-            rows.append({
-                "method": f"ours ({gran})", "predicted_bytes": plan.peak_bytes,
-                "memtracker_bytes": memtracker_peak(spec, batch, plan.segments,
-                                                    selective=plan.selective),
-                "recompute_flops": plan.recompute_flops,
-                "recompute_fraction": plan.recompute_fraction,
-                "recompute_time_fraction": plan.recompute_time_fraction,
-                "choices": plan.choices(), "segments": [list(s) for s in plan.segments],
-                "selective": list(plan.selective), "fits_predicted": plan.fits,
-                **row, "step_ratio": row["step_s"] / plain["step_s"],
-            })  # fmt: skip
-        fitting = [c for c in compiled if c["alloc_peak_bytes"] <= budget]
-        best = min(fitting, key=lambda c: c["step_s"]) if fitting else None
-        rows.append(dict(best) if best else {"method": "compile: no setting fits"})
-        rows.append(sac_ilp_status(spec, batch, budget))
-        budgets.append({"fraction": frac, "budget_bytes": budget, "rows": rows})
+    for label, budget in targets:
+        rows = ours_at(spec, prof, cfg, budget, batch, steps, device, plain)
+        for peer, sweep_rows in (("compile", compiled), ("sac_ilp", sac_rows)):
+            best = best_fitting(sweep_rows, budget)
+            rows.append(dict(best) if best else {"method": f"{peer}: no setting fits"})
+        budgets.append({"label": label, "budget_bytes": budget, "rows": rows})
     return {"model": name, "batch": batch, "units": n, "floor_bytes": floor, "plain": plain,
-            "compile_sweep": compiled, "budgets": budgets}  # fmt: skip
+            "compile_sweep": compiled, "sac_ilp": sac_info, "sac_sweep": sac_rows,
+            "budgets": budgets}  # fmt: skip
 
 
 def regnet10b(gpu: str) -> dict:
@@ -281,7 +230,7 @@ def regnet10b(gpu: str) -> dict:
         p = plan_checkpoints(prof, 40 * GIB, cfg, granularity=gran, device=gpu)
         out[gran] = {"recompute_time_fraction": p.recompute_time_fraction,
                      "recompute_fraction": p.recompute_fraction, "peak_bytes": p.peak_bytes,
-                     "fits": p.fits, "selective": list(p.selective),
+                     "fits": p.fits, "selective": p.selective_spec,
                      "segments": [list(s) for s in p.segments]}  # fmt: skip
     unit_t = out["unit"]["recompute_time_fraction"]
     out["op_over_unit_time"] = out["op"]["recompute_time_fraction"] / unit_t if unit_t else None
@@ -304,9 +253,10 @@ def pct(x) -> str:
 
 def table(results: list[dict], big: dict, kind: str) -> Table:
     t = Table(title=f"Recomputation at equal peak (CPU FP32; compile backend: {kind}); MiB; "
-              "alloc peak = torch.profiler allocator peak of one step")  # fmt: skip
-    cols = ("model", "budget", "method", "pred", "MemTrk", "alloc", "saved", "FLOPs",
-            "t roof", "ms", "×plain", "note")  # fmt: skip
+              "alloc = allocator peak of one step; FLOPs+ and t roof+ = extra over the "
+              "reference step, counted as run")  # fmt: skip
+    cols = ("model", "budget", "method", "pred", "MemTrk", "alloc", "FLOPs+", "t roof+", "ms",
+            "×plain", "note")  # fmt: skip
     for c in cols:
         t.add_column(c, justify="left" if c in ("model", "method", "note") else "right",
                      no_wrap=c != "note")  # fmt: skip
@@ -316,36 +266,72 @@ def table(results: list[dict], big: dict, kind: str) -> Table:
         note = note.split(" (")[0] + ("" if r.get("fits_predicted", True) else " over budget")
         if "compile_s" in r:
             note = f"compile {r['compile_s']:.0f} s"
+        if "kept_ops" in r:
+            note = " ".join(f"{k.split('.')[-1]}:{v}" for k, v in r["kept_ops"].items())
         step = r.get("step_s")
         t.add_row(model, budget, r["method"], mib(r.get("predicted_bytes")),
                   mib(r.get("memtracker_bytes")), mib(r.get("alloc_peak_bytes")),
-                  mib(r.get("saved_bytes")), pct(r.get("recompute_fraction")),
-                  pct(r.get("recompute_time_fraction")),
+                  pct(r.get("recompute_fraction")), pct(r.get("recompute_time_fraction")),
                   "-" if step is None else f"{step * 1e3:,.0f}",
                   "-" if "step_ratio" not in r else f"{r['step_ratio']:.2f}",
-                  note[:36])  # fmt: skip
+                  note[:40])  # fmt: skip
 
     for res in results:
         m = f"{res['model']} b{res['batch']}"
         add(m, "-", {**res["plain"], "method": "plain", "step_ratio": 1.0})
-        for c in res["compile_sweep"]:
+        for c in (*res["compile_sweep"], *res["sac_sweep"]):
             add(m, "sweep", c)
+        if res["sac_ilp"]["status"] != "run":
+            add(m, "sweep", {"method": "sac_ilp", "status": res["sac_ilp"]["status"]})
         for b in res["budgets"]:
             for r in b["rows"]:
-                add(m, f"{b['fraction']:.0%} {b['budget_bytes'] / MIB:,.2f}", r)
+                add(m, f"{b['label']} {b['budget_bytes'] / MIB:,.2f}", r)
         t.add_section()
     for gran in ("op", "unit"):
         g = big[gran]
         t.add_row("regnet10b b16", "40 GiB", f"ours ({gran})",
-                  f"{g['peak_bytes'] / GIB:.1f} GiB", "-", "-", "-",
+                  f"{g['peak_bytes'] / GIB:.1f} GiB", "-", "-",
                   pct(g["recompute_fraction"]), pct(g["recompute_time_fraction"]), "-", "-",
                   "fits" if g["fits"] else "does not fit")  # fmt: skip
-        t.add_row("regnet10b b16", "40 GiB", f"lower bound ({gran})", "", "", "", "", "",
+        t.add_row("regnet10b b16", "40 GiB", f"lower bound ({gran})", "", "", "", "",
                   pct(g["lower_bound_time_fraction"]), "", "", "no plan of these choices "
                   "recomputes less")  # fmt: skip
     ratio = big["op_over_unit_time"]
-    t.add_row("regnet10b", "", "op/unit recompute time", "", "", "", "", "",
+    t.add_row("regnet10b", "", "op/unit recompute time", "", "", "", "",
               "-" if ratio is None else f"{ratio:.2f}", "", "", "target ≤ 0.5")  # fmt: skip
+    return t
+
+
+def head_to_head(results: list[dict]) -> list[dict]:
+    """At each peer setting's own measured peak: its extra roofline time against ours."""
+    out = []
+    for res in results:
+        for b in res["budgets"]:
+            rows = {r["method"]: r for r in b["rows"]}
+            peer = rows.get(b["label"])
+            if peer is None:  # a fixed-share budget, not a peer's peak
+                continue
+            op, unit = rows["ours (op)"], rows["ours (unit)"]
+            out.append({"model": res["model"], "peer": b["label"], "peak_bytes": b["budget_bytes"],
+                        "peer_time_fraction": peer["recompute_time_fraction"],
+                        "op_time_fraction": op["recompute_time_fraction"],
+                        "unit_time_fraction": unit["recompute_time_fraction"],
+                        "op_peak_bytes": op["alloc_peak_bytes"],
+                        "peer_step_ratio": peer["step_ratio"], "op_step_ratio": op["step_ratio"],
+                        "op_fits": op["alloc_peak_bytes"] <= b["budget_bytes"]})  # fmt: skip
+    return out
+
+
+def summary(h2h: list[dict]) -> Table:
+    t = Table(title="At each peer setting's own measured peak: extra roofline time, % of the step")
+    for c in ("model", "peer setting", "peak MiB", "peer", "ours op", "ours unit",
+              "ours op peak", "CPU ×plain peer / ours"):  # fmt: skip
+        t.add_column(c, justify="left" if c in ("model", "peer setting") else "right")
+    for h in h2h:
+        t.add_row(h["model"], h["peer"], mib(h["peak_bytes"]), pct(h["peer_time_fraction"]),
+                  pct(h["op_time_fraction"]), pct(h["unit_time_fraction"]),
+                  mib(h["op_peak_bytes"]) + ("" if h["op_fits"] else " over"),
+                  f"{h['peer_step_ratio']:.2f} / {h['op_step_ratio']:.2f}")  # fmt: skip
     return t
 
 
@@ -353,13 +339,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny only, budget 60%%, compile budgets 1.0, 0.5")  # fmt: skip
-    parser.add_argument("--models", default=None, help="comma list of tiny,regnet,vit")
+    parser.add_argument("--models", default=None,
+                        help="comma list of tiny,regnet,vit (default), rg8gf, ...")  # fmt: skip
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--compile", choices=("partition", "inductor"), default="partition")
     parser.add_argument("--compile-budgets", default=None, help="e.g. 1.0,0.5,0.3")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--gpu", default="h100-80gb", help="roofline device for ours")
+    parser.add_argument(
+        "--sac-fractions",
+        default=None,
+        help="sac_ilp budgets as shares of its own plain-peak model",
+    )
+    parser.add_argument("--gpu", default="h100-80gb", help="roofline device (all rows)")
     parser.add_argument("--out", "--json", dest="out", type=Path,
                         default=Path("bench/results/recompute.json"))  # fmt: skip
     args = parser.parse_args()
@@ -368,16 +360,23 @@ def main() -> None:
     fractions = (0.6,) if args.quick else (0.6, 0.8)
     default_amb = "1.0,0.5" if args.quick else "1.0,0.5,0.3,0.1"
     act_budgets = [float(x) for x in (args.compile_budgets or default_amb).split(",")]
+    default_sac = "1.0,0.8" if args.quick else "1.0,0.9,0.8,0.7,0.6,0.5"
+    sac_fractions = [float(x) for x in (args.sac_fractions or default_sac).split(",")]
     steps = args.steps or (2 if args.quick else 3)
+    device = get_device(args.gpu)
     t0 = time.perf_counter()
     results = [
-        run_model(m, args.batch, fractions, act_budgets, args.compile, steps, args.gpu)
+        run_model(m, args.batch, fractions, act_budgets, sac_fractions, args.compile, steps,
+                  device)
         for m in models
-    ]
+    ]  # fmt: skip
     big = regnet10b(args.gpu)
+    h2h = head_to_head(results)
     data = {"command": " ".join(sys.argv), "compile_backend": args.compile, "threads":
-            args.threads, "steps": steps, "models": results, "regnet10b": big,
+            args.threads, "steps": steps, "gpu": args.gpu, "models": results,
+            "head_to_head": h2h, "regnet10b": big,
             "wall_s": time.perf_counter() - t0}  # fmt: skip
+    Console(width=150).print(summary(h2h))
     report(table(results, big, args.compile), args.out, data)
 
 

@@ -163,7 +163,7 @@ def check_case(label: str, spec: ModelSpec, batch: int, device: str) -> list[dic
     for name, plan, segs, sel in (
         ("no checkpointing", None, [(0, n, False)], ()),
         ("plan, whole units", units, list(units.segments), ()),
-        ("plan, op-level", op, list(op.segments), op.selective),
+        ("plan, op-level", op, list(op.segments), op.selective_spec),
     ):
         predicted = estimate(prof, segs, cfg, sel).peak_bytes
         step = measure_step(spec, batch, segs, device=device, selective=sel)
@@ -173,7 +173,7 @@ def check_case(label: str, spec: ModelSpec, batch: int, device: str) -> list[dic
                 "batch": batch,
                 "plan": name,
                 "segments": [list(s) for s in segs],
-                "selective": list(sel),
+                "selective": [list(x) for x in sel],
                 "budget_bytes": plan.budget_bytes if plan else None,
                 "recompute_time_fraction": plan.recompute_time_fraction if plan else 0.0,
                 "step_time_s": step_seconds(spec, batch, segs, sel, device, 5 if cuda else 1),

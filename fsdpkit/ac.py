@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from kitcore.errors import FsdpkitError
-from kitcore.selective import kept_ops
+from kitcore.selective import is_kept_op, kept_ops, op_intensity
 
 from ._torch_private import check_checkpoint_region, checkpoint_region
 
@@ -46,23 +46,55 @@ _HANDLES = "_fsdpkit_ac_handles"
 
 class CheckpointPlan(Protocol):
     """What :func:`apply_ac` reads from a plan (``planner.Plan`` satisfies it); an optional
-    ``selective`` (unit indices) is read too."""
+    ``selective`` (unit indices) is read too, and with it an optional
+    ``selective_min_intensity`` (per selective unit, in the same order: FLOPs per byte, 0 =
+    keep every kept operator; see :func:`selective_context_fn`)."""
 
     units: Sequence[str]
     segments: Sequence[tuple[int, int, bool]]
 
 
-def selective_context_fn() -> Any:
+def selective_context_fn(min_intensity: float = 0.0) -> Any:
     """``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of the operators of
     :func:`kitcore.selective.kept_ops` (convolutions, matrix products, attention), recompute
-    the rest in backward."""
+    the rest in backward. With ``min_intensity`` > 0 (FLOPs per byte of output), keep only
+    those of them at least that intense (:func:`kitcore.selective.keeps`): fewer bytes held,
+    more recomputed."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     # A kept output may be mutated in place by an idempotent op (kitcore.selective); the
     # planner offers selective checkpointing only to units whose code does nothing else.
-    return partial(
-        create_selective_checkpoint_contexts, list(kept_ops()), allow_cache_entry_mutation=True
-    )
+    rule = list(kept_ops()) if min_intensity <= 0 else _intensity_policy(min_intensity)
+    return partial(create_selective_checkpoint_contexts, rule, allow_cache_entry_mutation=True)
+
+
+def _intensity_policy(min_intensity: float) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
+        if not is_kept_op(func):
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        out = getattr(ctx, "op_output", None)
+        if out is None:  # torch releases that ask before the operator runs
+            out = _meta_output(func, args, kwargs)
+        if op_intensity(func, args, kwargs, out) >= min_intensity:
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
+    return policy
+
+
+def _meta_output(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func``'s output on meta tensors of its arguments' shapes (no data, no other modes)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    def meta(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+        return v
+
+    with _disable_current_modes():
+        return func(*tree_map(meta, args), **tree_map(meta, kwargs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,9 +262,18 @@ def apply_ac(model: nn.Module, plan: CheckpointPlan) -> int:
         check_checkpoint_region()  # fail here, not in the first forward, if torch changed it
     handles = []
     regions = 0
-    context = selective_context_fn() if selective else None
+    # a unit's threshold (FLOPs per byte) when the plan keeps fewer than all kept operators
+    order = [int(i) for i in getattr(plan, "selective", ()) or ()]
+    given = [float(t) for t in getattr(plan, "selective_min_intensity", None) or ()]
+    if given and len(given) != len(order):
+        raise FsdpkitError(
+            f"plan has {len(given)} selective thresholds for {len(order)} selective units "
+            "(re-plan for this model)"
+        )
+    thresholds = dict(zip(order, given, strict=False))  # no thresholds: all 0
+    contexts = {t: selective_context_fn(t) for t in {thresholds.get(i, 0.0) for i in selective}}
     spans = [(s, e, None) for s, e, ckpt in plan.segments if ckpt]
-    spans += [(i, i + 1, context) for i in selective]
+    spans += [(i, i + 1, contexts[thresholds.get(i, 0.0)]) for i in selective]
     for s, e, context_fn in sorted(spans, key=lambda span: span[0]):
         seg = _Segment(modules[s:e], context_fn)
         handles.append(modules[s].register_forward_pre_hook(seg.enter, with_kwargs=True))

@@ -9,15 +9,31 @@ memory bandwidth: the planner prices them with a roofline, not FLOPs).
 
 :func:`kept_ops` is what :mod:`planner` profiles as "kept" and what :func:`fsdpkit.apply_ac`
 tells ``torch.utils.checkpoint``'s selective-checkpoint API to save, so the two cannot disagree.
+
+A unit may also keep fewer: only the kept operators whose arithmetic intensity (FLOPs per byte
+of output, :func:`op_intensity`) is at least a threshold (:func:`keeps`). A 1x1 convolution
+that widens its input 4x writes many bytes for few FLOPs per byte; recomputing it frees those
+bytes for less time than recomputing a whole unit, while a 3x3 convolution stays kept.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import flop_registry
 
-__all__ = ["IDEMPOTENT_INPLACE", "KEPT_OP_NAMES", "is_kept_op", "kept_ops", "mutates_first"]
+__all__ = [
+    "IDEMPOTENT_INPLACE",
+    "KEPT_OP_NAMES",
+    "is_kept_op",
+    "keeps",
+    "kept_ops",
+    "mutates_first",
+    "op_intensity",
+]
 
 # aten operator packets whose outputs selective checkpointing saves. Names missing from a
 # torch release are skipped (the attention kernels differ between releases and devices).
@@ -69,3 +85,23 @@ def _kept_packets() -> frozenset:
 def is_kept_op(func: torch._ops.OpOverload) -> bool:
     """Whether selective checkpointing keeps ``func``'s output (a dispatch-level operator)."""
     return getattr(func, "overloadpacket", None) in _kept_packets()
+
+
+def op_intensity(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> float:
+    """FLOPs per byte of output of one operator call (torch's FLOP formulas,
+    ``torch.utils.flop_counter``); 0 for operators without a formula or outputs."""
+    count = flop_registry.get(getattr(func, "_overloadpacket", None))
+    out_bytes = sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+    if count is None or out_bytes == 0:
+        return 0.0
+    return count(*args, **(kwargs or {}), out_val=out) / out_bytes
+
+
+def keeps(
+    func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any, min_intensity: float
+) -> bool:
+    """Whether selective checkpointing with threshold ``min_intensity`` (FLOPs per byte of
+    output; 0 keeps every kept operator) keeps this call's output."""
+    if not is_kept_op(func):
+        return False
+    return min_intensity <= 0 or op_intensity(func, args, kwargs, out) >= min_intensity

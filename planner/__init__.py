@@ -17,7 +17,14 @@ from .measure import MeasuredStep, measure_step
 from .memory import MemoryConfig, MemoryEstimate, estimate, held_input_bytes, static_floor_bytes
 from .oracle import fsdp_memtracker_peak, memtracker_peak, tracker_verifier
 from .plan import Plan, make_plan
-from .profile import DTYPES, ModelProfile, UnitProfile, emulate_mixed_precision, profile_model
+from .profile import (
+    DTYPES,
+    ModelProfile,
+    SelVariant,
+    UnitProfile,
+    emulate_mixed_precision,
+    profile_model,
+)
 from .solve import (
     OBJECTIVES,
     UnitCosts,
@@ -25,6 +32,7 @@ from .solve import (
     plan_checkpoints,
     solve_minmax,
     solve_recompute,
+    solve_selective,
     sqrt_segments,
 )
 from .tracker import LiveMemory
@@ -38,6 +46,7 @@ __all__ = [
     "MemoryEstimate",
     "ModelProfile",
     "Plan",
+    "SelVariant",
     "UnitCosts",
     "UnitProfile",
     "emulate_mixed_precision",
@@ -53,6 +62,7 @@ __all__ = [
     "recompute_lower_bound",
     "solve_minmax",
     "solve_recompute",
+    "solve_selective",
     "sqrt_segments",
     "static_floor_bytes",
     "tracker_verifier",

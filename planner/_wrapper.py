@@ -12,7 +12,26 @@ from torch import nn
 
 from kitcore import FSDPPolicy, ModelSpec
 
-__all__ = ["apply_checkpointing", "remove_checkpointing", "shard_like_training"]
+__all__ = [
+    "SelectiveSpec",
+    "apply_checkpointing",
+    "remove_checkpointing",
+    "selective_items",
+    "shard_like_training",
+]
+
+# Units under op-level selective checkpointing: indices (keeping every kept operator) or
+# (index, threshold in FLOPs per output byte) pairs (kitcore.selective.keeps).
+SelectiveSpec = Sequence[int | tuple[int, float]]
+
+
+def selective_items(selective: SelectiveSpec) -> list[tuple[int, float]]:
+    """``selective`` as (unit index, threshold) pairs, 0.0 where only an index is given."""
+    out = []
+    for item in selective:
+        i, t = (item, 0.0) if isinstance(item, int) or not isinstance(item, Sequence) else item
+        out.append((int(i), float(t)))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,21 +41,24 @@ class _Chain:
     units: tuple[str, ...]
     segments: tuple[tuple[int, int, bool], ...]
     selective: tuple[int, ...] = ()
+    selective_min_intensity: tuple[float, ...] = ()
 
 
 def _chain(
-    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], selective: Sequence[int]
+    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], selective: SelectiveSpec
 ) -> _Chain:
     names = tuple(n for n, _ in spec.named_units(model))
     segs = tuple((int(s), int(e), bool(c)) for s, e, c in segments)
-    return _Chain(names, segs, tuple(int(i) for i in selective))
+    items = selective_items(selective)
+    return _Chain(names, segs, tuple(i for i, _ in items), tuple(t for _, t in items))
 
 
 def apply_checkpointing(
-    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], selective: Sequence[int] = ()
+    spec: ModelSpec, model: nn.Module, segments: Sequence[Sequence], selective: SelectiveSpec = ()
 ) -> None:
-    """Checkpoint ``segments`` of ``model``'s unit chain, and run ``selective`` units under
-    op-level selective checkpointing, as training does (``fsdpkit.apply_ac``)."""
+    """Checkpoint ``segments`` of ``model``'s unit chain, and run ``selective`` units (indices
+    or (index, threshold) pairs) under op-level selective checkpointing, as training does
+    (``fsdpkit.apply_ac``)."""
     from fsdpkit import apply_ac
 
     apply_ac(model, _chain(spec, model, segments, selective))
@@ -55,7 +77,7 @@ def shard_like_training(
     segments: Sequence[Sequence],
     mesh,
     policy: FSDPPolicy,
-    selective: Sequence[int] = (),
+    selective: SelectiveSpec = (),
 ) -> None:
     """Checkpoint and shard ``model`` as training does (``fsdpkit.parallelize``)."""
     from fsdpkit import parallelize

@@ -93,9 +93,11 @@ def recompute_lower_bound(
     for i in alive:
         u = units[i]
         options = [(costs.full[i], u.saved_bytes + edge[i] + edge[i + 1])]
-        if selective and u.has_selective and costs.sel[i] is not None:
+        if selective and u.has_selective:
             # keeps its whole input: only its saves and its output side can shrink
-            options.append((costs.sel[i], u.saved_bytes - (u.sel_saved_bytes or 0) + edge[i + 1]))
+            for t, cost in costs.options(i):
+                kept = u.sel_terms(t).saved_bytes
+                options.append((cost, u.saved_bytes - kept + edge[i + 1]))
         steps += _hull(options)
     steps.sort(key=lambda s: -s[1] / s[0] if s[0] > 0 else -float("inf"))
     paid = 0.0

@@ -93,15 +93,21 @@ def _config(args: argparse.Namespace, sharded: bool, overhead: bool = True):
 
 def _units_table(plan, prof) -> Table:
     checkpointed = {i: k for k, (s, e, c) in enumerate(plan.segments) if c for i in range(s, e)}
-    selective = set(plan.selective)
+    selective = dict(plan.selective_spec)
     table = Table(title=f"{prof.model}: units", box=box.SIMPLE_HEAD)
     for col in ("#", "unit", "kept for backward", "selective keeps", "output", "GFLOPs",
                 "recompute"):  # fmt: skip
         table.add_column(col, justify="left" if col == "unit" else "right")
     for i, u in enumerate(prof.units):
         mark = f"segment {checkpointed[i]}" if i in checkpointed else ""
-        mark = "selective" if i in selective else mark
-        sel = fb(u.sel_saved_bytes + u.input_bytes) if u.has_selective else "-"
+        if i in selective:  # a threshold: convolutions/products below it are recomputed too
+            t = selective[i]
+            mark = f"selective ≥{t:,.0f} FLOP/B" if t else "selective"
+        sel = (
+            fb(u.sel_terms(selective.get(i, 0.0)).saved_bytes + u.input_bytes)
+            if u.has_selective
+            else "-"
+        )
         table.add_row(str(i), u.name, fb(u.activation_bytes), sel, fb(u.output_bytes),
                       f"{u.flops / 1e9:,.1f}", mark)  # fmt: skip
     return table
@@ -159,7 +165,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             {
                 "no checkpointing": predicted_points(estimate(prof, [(0, n, False)], cfg).timeline),
                 plan.objective: predicted_points(
-                    estimate(prof, list(plan.segments), cfg, plan.selective).timeline
+                    estimate(prof, list(plan.segments), cfg, plan.selective_spec).timeline
                 ),
             },
             title=f"{prof.model}, batch {prof.batch_size}, {prof.dtype}, world size "
@@ -239,13 +245,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
                 estimate(prof, [(0, n, False)], cfg).timeline
             ),
             f"planned for {fb(budget)} (predicted)": predicted_points(
-                estimate(prof, list(plan.segments), cfg, plan.selective).timeline
+                estimate(prof, list(plan.segments), cfg, plan.selective_spec).timeline
             ),
         }
         if args.device == "cpu":
             for label, segs, sel in (
                 ("no checkpointing", [(0, n, False)], ()),
-                ("planned", plan.segments, plan.selective),
+                ("planned", plan.segments, plan.selective_spec),
             ):
                 m = measure_step(spec, args.batch, segs, device="cpu", timeline=True, selective=sel)
                 series[f"{label} (measured)"] = m.timeline

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 
 from kitcore import ModelSpec
 
-from ._wrapper import apply_checkpointing
+from ._wrapper import SelectiveSpec, apply_checkpointing
 from .tracker import LiveMemory
 
 __all__ = ["MeasuredStep", "measure_step"]
@@ -78,7 +78,7 @@ def measure_step(
     weight_decay: float = 1e-5,
     timeline: bool = False,
     seed: int = 0,
-    selective: Sequence[int] = (),
+    selective: SelectiveSpec = (),
 ) -> MeasuredStep:
     """Peak bytes of a steady-state FP32 step of ``spec`` with ``segments`` checkpointed (and
     ``selective`` units under op-level selective checkpointing), using SGD (momentum 0.9,

@@ -20,11 +20,12 @@ checkpointed), or a checkpointed segment starts there (its input is held).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kitcore import FsdpkitError, FSDPPolicy
 
+from ._wrapper import SelectiveSpec, selective_items
 from .fsdp2 import PRE_HELD, ShardedStatics
 from .profile import DTYPES, ModelProfile, UnitProfile
 
@@ -223,12 +224,13 @@ def _statics(prof: ModelProfile, cfg: MemoryConfig) -> _Statics | ShardedStatics
     return _Statics(prof, cfg)
 
 
-def unit_views(prof: ModelProfile, selective: Iterable[int] = ()) -> list[UnitProfile]:
-    """The units as the memory model sees them: those in ``selective`` (indices) replaced by
-    their op-level selective view (:meth:`~planner.profile.UnitProfile.selective`)."""
+def unit_views(prof: ModelProfile, selective: SelectiveSpec = ()) -> list[UnitProfile]:
+    """The units as the memory model sees them: those in ``selective`` (indices, or (index,
+    threshold) pairs) replaced by their op-level selective view
+    (:meth:`~planner.profile.UnitProfile.selective`)."""
     units = list(prof.units)
-    for i in selective:
-        units[i] = units[i].selective()
+    for i, t in selective_items(selective):
+        units[i] = units[i].selective(t)
     return units
 
 
@@ -365,10 +367,11 @@ def normalize_segments(segments: list[Segment], n: int) -> list[Segment]:
     return out
 
 
-def check_selective(segments: Sequence[Segment], selective: Sequence[int], n: int) -> None:
+def check_selective(segments: Sequence[Segment], selective: SelectiveSpec, n: int) -> None:
     """Selective units must be distinct units of plain segments (a checkpointed segment
     already recomputes everything)."""
     plain = {i for s, e, c in segments if not c for i in range(s, e)}
+    selective = [i for i, _ in selective_items(selective)]
     for i in selective:
         if not 0 <= i < n:
             raise FsdpkitError(f"selective unit {i} is not one of the {n} units")
@@ -430,10 +433,11 @@ def estimate(
     prof: ModelProfile,
     segments: list[Segment],
     cfg: MemoryConfig,
-    selective: Sequence[int] = (),
+    selective: SelectiveSpec = (),
 ) -> MemoryEstimate:
     """Replay one step under ``segments``: predicted peak, its breakdown, and the timeline.
-    ``selective``: units (indices, in plain segments) under op-level selective checkpointing.
+    ``selective``: units (indices, in plain segments) under op-level selective checkpointing,
+    or (index, threshold) pairs for a unit's variants that keep fewer operators.
 
     Order: pre-unit work, every segment's forward, the tail (heads, loss) forward and backward,
     segments' recomputation and backward in reverse, then the optimizer step.

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from kitcore.selective import IDEMPOTENT_INPLACE, is_kept_op, mutates_first
+from kitcore.selective import IDEMPOTENT_INPLACE, is_kept_op, mutates_first, op_intensity
 
 from .devices import GPUS, roofline_seconds
 from .tracker import storage_key
@@ -51,6 +51,10 @@ class OpCosts:
         self.forward_done = False
         self._refs: list[weakref.ref] = []
         self.unsafe = [False] * n  # a kept output mutated in place by a non-idempotent op
+        # per unit, per kept operator call: [FLOPs per output byte, FLOPs, time per device,
+        # {storage key: bytes} it made, bytes of those that died in the forward]; what a
+        # threshold on intensity (kitcore.selective.keeps) keeps and recomputes
+        self.kept_calls: list[list[list]] = [[] for _ in range(n)]
 
     def __call__(self, func, args, kwargs, out, flops: int) -> None:
         if func.is_view:
@@ -74,13 +78,15 @@ class OpCosts:
         ):
             self.unsafe[i] = True
         if is_kept_op(func):
+            call = [op_intensity(func, args, kwargs, out), flops, dict(times), {}, 0]
+            self.kept_calls[i].append(call)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     st = t.untyped_storage()
                     key = storage_key(st)
                     if key not in self.excluded and key not in self.kept[i]:
-                        self.kept[i][key] = st.nbytes()
-                        self._refs.append(weakref.ref(st, self._died(i, key)))
+                        self.kept[i][key] = call[3][key] = st.nbytes()
+                        self._refs.append(weakref.ref(st, self._died(i, key, call)))
         else:
             self.sel_flops[i] += flops
             sel = self.sel_time[i]
@@ -91,9 +97,29 @@ class OpCosts:
         """The forward is over: storages that die from now on were kept to backward."""
         self.forward_done = True
 
-    def _died(self, i: int, key: int):
+    def _died(self, i: int, key: int, call: list):
         def died(_ref: weakref.ref) -> None:
             if not self.forward_done and key in self.kept[i]:
                 self.kept_dead[i] += self.kept[i].pop(key)
+                call[4] += call[3].pop(key)
 
         return died
+
+    def intensities(self, i: int) -> list[tuple[float, int]]:
+        """Unit ``i``'s kept calls as (FLOPs per output byte, bytes they keep), ascending."""
+        return sorted((c[0], sum(c[3].values()) + c[4]) for c in self.kept_calls[i])
+
+    def threshold(self, i: int, min_intensity: float) -> tuple[dict[int, int], int, int, dict]:
+        """Under threshold ``min_intensity``: the kept storages alive at the forward's end,
+        the kept bytes that died in it, and the FLOPs and time per device recomputed."""
+        kept, dead = {}, 0
+        flops, time = self.sel_flops[i], dict(self.sel_time[i])
+        for intensity, f, times, keys, died in self.kept_calls[i]:
+            if intensity >= min_intensity:
+                kept.update(keys)
+                dead += died
+            else:
+                flops += f
+                for k, t in times.items():
+                    time[k] += t
+        return kept, dead, flops, time

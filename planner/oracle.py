@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from kitcore import FsdpkitError, FSDPPolicy, ModelSpec
 
-from ._wrapper import apply_checkpointing, shard_like_training
+from ._wrapper import SelectiveSpec, apply_checkpointing, shard_like_training
 from .measure import sgd, training_step
 
 __all__ = ["fsdp_memtracker_peak", "fsdp_step_tracker", "memtracker_peak", "tracker_verifier"]
@@ -33,7 +33,7 @@ def memtracker_peak(
     batch_size: int,
     segments: Sequence[tuple[int, int, bool]],
     *,
-    selective: Sequence[int] = (),
+    selective: SelectiveSpec = (),
     device: str = "fake",
     weight_decay: float = 1e-5,
     breakdown: dict | None = None,
@@ -82,7 +82,7 @@ def fsdp_memtracker_peak(
     batch_size: int,
     segments: Sequence[tuple[int, int, bool]],
     *,
-    selective: Sequence[int] = (),
+    selective: SelectiveSpec = (),
     world_size: int,
     dtype: str = "fp32",
     prefetch: int = 1,

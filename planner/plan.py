@@ -10,6 +10,7 @@ from typing import Any
 
 from kitcore import FsdpkitError, write_text_atomic
 
+from ._wrapper import SelectiveSpec, selective_items
 from .devices import DEFAULT_GPU
 from .memory import MemoryConfig, Segment, estimate
 from .profile import ModelProfile
@@ -44,7 +45,10 @@ class Plan:
     Bytes are per rank; ``peak_bytes`` and ``breakdown`` are the memory model's prediction at
     the step's peak; ``recompute_flops`` are the forward FLOPs run again in backward, and
     ``step_flops`` the FLOPs of a plain step (forward + backward). ``selective``: units (indices,
-    in plain segments) under op-level selective checkpointing. ``recompute_time_s`` and
+    in plain segments) under op-level selective checkpointing; ``selective_min_intensity``:
+    per selective unit, in the same order, the threshold (FLOPs per output byte) below which
+    its kept operators are recomputed too (0: every one kept; empty: all 0; see
+    :func:`kitcore.selective.keeps`). ``recompute_time_s`` and
     ``step_time_s``: roofline seconds of the recomputation and of a plain step on
     ``cost_device`` (:mod:`planner.devices`), what the solver minimised; 0 where the profile
     has no operator costs. ``verified_peak_bytes``:
@@ -76,6 +80,7 @@ class Plan:
     verify_time_s: float = 0.0
     config: Mapping[str, Any] = field(default_factory=dict)
     selective: tuple[int, ...] = ()
+    selective_min_intensity: tuple[float, ...] = ()
     cost_device: str = ""
     recompute_time_s: float = 0.0
     step_time_s: float = 0.0
@@ -123,6 +128,13 @@ class Plan:
         """Roofline recompute time ÷ roofline time of a plain step (on ``cost_device``)."""
         return self.recompute_time_s / self.step_time_s if self.step_time_s else 0.0
 
+    @property
+    def selective_spec(self) -> list[tuple[int, float]]:
+        """``selective`` as (unit, threshold) pairs, what the memory model and
+        :func:`planner._wrapper.apply_checkpointing` take."""
+        thresholds = self.selective_min_intensity or (0.0,) * len(self.selective)
+        return list(zip(self.selective, thresholds, strict=True))
+
     def choices(self) -> list[str]:
         """Per unit: ``"keep"``, ``"selective"`` or ``"checkpoint"`` (in a segment)."""
         out = ["keep"] * len(self.units)
@@ -137,6 +149,7 @@ class Plan:
         d = asdict(self)
         d["segments"] = [list(s) for s in self.segments]
         d["selective"] = list(self.selective)
+        d["selective_min_intensity"] = list(self.selective_min_intensity)
         d.update(
             fits=self.fits,
             recompute_fraction=self.recompute_fraction,
@@ -155,6 +168,13 @@ class Plan:
             kwargs["notes"] = tuple(kwargs.get("notes", ()))
             kwargs["config"] = dict(kwargs.get("config", {}))
             kwargs["selective"] = tuple(int(i) for i in kwargs.get("selective", ()))
+            kwargs["selective_min_intensity"] = tuple(
+                float(t) for t in kwargs.get("selective_min_intensity", ())
+            )
+            if kwargs["selective_min_intensity"] and len(kwargs["selective_min_intensity"]) != len(
+                kwargs["selective"]
+            ):
+                raise ValueError("selective_min_intensity must have one entry per selective unit")
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as e:
             raise FsdpkitError(f"{origin}: not an fsdpkit plan ({type(e).__name__}: {e})") from None
@@ -182,12 +202,14 @@ def make_plan(
     notes: Sequence[str] = (),
     verified_peak_bytes: int | None = None,
     verify_time_s: float = 0.0,
-    selective: Sequence[int] = (),
+    selective: SelectiveSpec = (),
     device: str = DEFAULT_GPU,
 ) -> Plan:
-    """Evaluate ``segments`` (and ``selective`` units) with the memory model and wrap the result
-    as a :class:`Plan`; recomputation priced on ``device``."""
+    """Evaluate ``segments`` (and ``selective`` units: indices or (index, threshold) pairs)
+    with the memory model and wrap the result as a :class:`Plan`; recomputation priced on
+    ``device``."""
     n = len(prof.units)
+    selective = sorted(selective_items(selective))
     est = estimate(prof, list(segments), cfg, selective)
     plain = estimate(prof, [(0, n, False)], cfg)
     segs = tuple((s, e, c) for s, e, c in segments)
@@ -209,7 +231,7 @@ def make_plan(
         breakdown=est.breakdown,
         breakdown_without_checkpointing=plain.breakdown,
         recompute_flops=sum(u.flops for s, e, c in segs if c for u in prof.units[s:e])
-        + sum(prof.units[i].sel_recompute_flops for i in selective),
+        + sum(prof.units[i].sel_terms(t).recompute_flops for i, t in selective),
         step_flops=prof.step_flops,
         solver_time_s=solver_time_s,
         max_segment_bytes=max_segment_bytes,
@@ -217,7 +239,10 @@ def make_plan(
         verified_peak_bytes=verified_peak_bytes,
         verify_time_s=verify_time_s,
         config=asdict(cfg),
-        selective=tuple(sorted(selective)),
+        selective=tuple(i for i, _ in selective),
+        selective_min_intensity=tuple(t for _, t in selective)
+        if any(t for _, t in selective)
+        else (),
         cost_device=device if timed else "",
         recompute_time_s=_recompute_seconds(prof, segs, selective, device) if timed else 0.0,
         step_time_s=prof.step_time_s.get(device, 0.0),
@@ -225,7 +250,8 @@ def make_plan(
 
 
 def _recompute_seconds(
-    prof: ModelProfile, segments: Sequence[Segment], selective: Sequence[int], device: str
+    prof: ModelProfile, segments: Sequence[Segment], selective: SelectiveSpec, device: str
 ) -> float:
     full = sum(u.fwd_time_s[device] for s, e, c in segments if c for u in prof.units[s:e])
-    return full + sum(prof.units[i].sel_recompute_time_s[device] for i in selective)
+    sel = selective_items(selective)
+    return full + sum(prof.units[i].sel_terms(t).recompute_time_s[device] for i, t in sel)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -63,9 +64,32 @@ from .opcost import OpCosts
 from .trace import Trace, total_bytes
 from .tracker import LiveMemory, storage_key, tensor_storages
 
-__all__ = ["DTYPES", "ModelProfile", "UnitProfile", "emulate_mixed_precision", "profile_model"]
+__all__ = [
+    "DTYPES",
+    "ModelProfile",
+    "SelVariant",
+    "UnitProfile",
+    "emulate_mixed_precision",
+    "profile_model",
+]
 
 _BN = _BatchNorm  # nn.BatchNorm*d, nn.SyncBatchNorm and fsdpkit.SyncBatchNorm alike
+
+
+@dataclass(frozen=True, slots=True)
+class SelVariant:
+    """A unit under op-level selective checkpointing that keeps only the kept operators of at
+    least ``min_intensity`` FLOPs per byte of output (:func:`kitcore.selective.keeps`); the
+    fields mean what :class:`UnitProfile`'s ``sel_*`` fields mean for the variant that keeps
+    them all."""
+
+    min_intensity: float
+    saved_bytes: int
+    saves_output_bytes: int
+    recomputed_bytes: int
+    recompute_flops: int
+    recompute_time_s: Mapping[str, float]
+    bwd_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +119,12 @@ class UnitProfile:
     sel_bwd_peak_bytes: int | None = None
     fwd_time_s: Mapping[str, float] = field(default_factory=dict)
     sel_recompute_time_s: Mapping[str, float] = field(default_factory=dict)
+    sel_variants: tuple[SelVariant, ...] = ()
+
+    def __post_init__(self) -> None:
+        variants = tuple(SelVariant(**v) if isinstance(v, Mapping) else v
+                         for v in self.sel_variants)  # fmt: skip  # read back from JSON
+        object.__setattr__(self, "sel_variants", variants)
 
     @property
     def activation_bytes(self) -> int:
@@ -106,27 +136,52 @@ class UnitProfile:
         """Whether the profile measured this unit under op-level selective checkpointing."""
         return self.sel_saved_bytes is not None
 
-    def selective(self) -> UnitProfile:
-        """This unit run under op-level selective checkpointing, as the memory model sees a
-        plain unit: it keeps its whole input (checkpointing saves it) and the outputs of its
-        kept operators (``sel_saved_bytes``, ``sel_saves_output_bytes`` of its output); its
-        backward recomputes the rest (``sel_recomputed_bytes``) at their first use: its peak
-        is measured with every eligible unit selective (``sel_bwd_peak_bytes``); profiles
-        without it assume everything recomputed alive through the backward, or the
-        forward's peak less what the cache already holds."""
+    @property
+    def selective_thresholds(self) -> tuple[float, ...]:
+        """The thresholds (FLOPs per output byte) this unit was profiled under selective
+        checkpointing with: 0.0 (every kept operator) first, then its variants'."""
+        if not self.has_selective:
+            return ()
+        return (0.0, *(v.min_intensity for v in self.sel_variants))
+
+    def sel_terms(self, min_intensity: float = 0.0) -> SelVariant:
+        """The ``sel_*`` facts of this unit at threshold ``min_intensity`` (one of
+        :attr:`selective_thresholds`)."""
         if self.sel_saved_bytes is None:
             raise FsdpkitError(f"unit {self.name}: profiled without selective checkpointing")
-        bwd = self.sel_bwd_peak_bytes
+        if min_intensity <= 0:
+            return SelVariant(0.0, self.sel_saved_bytes, self.sel_saves_output_bytes,
+                              self.sel_recomputed_bytes, self.sel_recompute_flops,
+                              self.sel_recompute_time_s, self.sel_bwd_peak_bytes)  # fmt: skip
+        for v in self.sel_variants:
+            if v.min_intensity == min_intensity:
+                return v
+        raise FsdpkitError(
+            f"unit {self.name}: not profiled with selective threshold {min_intensity:g} FLOPs/B "
+            f"(profiled: {', '.join(f'{t:g}' for t in self.selective_thresholds)}); re-plan"
+        )
+
+    def selective(self, min_intensity: float = 0.0) -> UnitProfile:
+        """This unit run under op-level selective checkpointing, as the memory model sees a
+        plain unit: it keeps its whole input (checkpointing saves it) and the outputs of its
+        kept operators (``sel_saved_bytes``, ``sel_saves_output_bytes`` of its output; with
+        ``min_intensity``, those of a variant); its backward recomputes the rest
+        (``sel_recomputed_bytes``) at their first use: its peak is measured with every
+        eligible unit selective (``sel_bwd_peak_bytes``); profiles without it assume
+        everything recomputed alive through the backward, or the forward's peak less what the
+        cache already holds."""
+        v = self.sel_terms(min_intensity)
+        bwd = v.bwd_peak_bytes
         if bwd is None:  # not measured (older profiles): everything recomputed alive at once
             bwd = max(
-                self.bwd_peak_bytes + self.sel_recomputed_bytes,
-                self.fwd_peak_bytes - self.sel_saved_bytes - self.sel_saves_output_bytes,
+                self.bwd_peak_bytes + v.recomputed_bytes,
+                self.fwd_peak_bytes - v.saved_bytes - v.saves_output_bytes,
             )
         return replace(
             self,
-            saved_bytes=self.sel_saved_bytes,
+            saved_bytes=v.saved_bytes,
             saves_input_bytes=self.input_bytes,
-            saves_output_bytes=self.sel_saves_output_bytes,
+            saves_output_bytes=v.saves_output_bytes,
             bwd_peak_bytes=bwd,
         )
 
@@ -253,18 +308,24 @@ class ModelProfile:
 
 
 def _selective_bwd_peaks(
-    spec: ModelSpec, model: nn.Module, inputs: Any, static: list, excluded: set[int], sel: list
+    spec: ModelSpec,
+    model: nn.Module,
+    inputs: Any,
+    static: list,
+    excluded: set[int],
+    sel: Mapping[int, float],
 ) -> list[int]:
-    """Per unit, the backward's peak (bytes above its start) with units ``sel`` under op-level
-    selective checkpointing as training applies it (:func:`fsdpkit.apply_ac`): torch
-    recomputes at the first use of a value not kept, so what is alive at once depends on the
-    unit's backward order, which only running it shows."""
+    """Per unit, the backward's peak (bytes above its start) with units ``sel`` (index ->
+    threshold, FLOPs per output byte) under op-level selective checkpointing as training
+    applies it (:func:`fsdpkit.apply_ac`): torch recomputes at the first use of a value not
+    kept, so what is alive at once depends on the unit's backward order, which only running
+    it shows."""
     n = len(spec.named_units(model))
     trace = Trace(LiveMemory(), n, excluded)
     if not sel:
         return trace.bwd_peak
     trace.t.register(static)
-    apply_checkpointing(spec, model, [(0, n, False)], sel)
+    apply_checkpointing(spec, model, [(0, n, False)], list(sel.items()))
     try:
         trace.run(spec, model, spec.named_units(model), inputs, grad=True)
     finally:
@@ -274,26 +335,75 @@ def _selective_bwd_peaks(
 
 
 def _selective_terms(
-    saved: dict[int, int], ins: dict[int, int], outs: dict[int, int], costs: OpCosts, i: int
-) -> dict[str, Any]:
-    """UnitProfile fields of unit ``i`` under op-level selective checkpointing (see
+    saved: dict[int, int],
+    ins: dict[int, int],
+    outs: dict[int, int],
+    costs: OpCosts,
+    i: int,
+    min_intensity: float,
+    bwd_peak: int | None,
+) -> SelVariant:
+    """Unit ``i`` under op-level selective checkpointing at ``min_intensity`` (see
     :meth:`UnitProfile.selective`): kept operators' outputs held to backward, and what its
     backward recomputes (plain saves not kept, its own output among them)."""
-    kept, boundary = costs.kept[i], ins.keys() | outs.keys()
-    own_out = outs.keys() - ins.keys()
-    if costs.unsafe[i]:
-        return {"fwd_time_s": costs.fwd_time[i]}
-    return {
-        "sel_saved_bytes": total_bytes({k: v for k, v in kept.items() if k not in boundary})
-        + costs.kept_dead[i],
-        "sel_saves_output_bytes": total_bytes(kept, own_out),
-        "sel_recomputed_bytes": total_bytes(
+    kept, dead, flops, seconds = costs.threshold(i, min_intensity)
+    boundary = ins.keys() | outs.keys()
+    return SelVariant(
+        min_intensity=min_intensity,
+        saved_bytes=total_bytes({k: v for k, v in kept.items() if k not in boundary}) + dead,
+        saves_output_bytes=total_bytes(kept, outs.keys() - ins.keys()),
+        recomputed_bytes=total_bytes(
             {k: v for k, v in saved.items() if k not in kept and k not in ins}
         ),
-        "sel_recompute_flops": costs.sel_flops[i],
-        "fwd_time_s": costs.fwd_time[i],
-        "sel_recompute_time_s": costs.sel_time[i],
+        recompute_flops=flops,
+        recompute_time_s=seconds,
+        bwd_peak_bytes=bwd_peak,
+    )
+
+
+def _selective_fields(saved, ins, outs, costs, i, thresholds, sel_bwd) -> dict[str, Any]:
+    """UnitProfile's ``sel_*`` fields for unit ``i``: none if it is not eligible."""
+    if thresholds is None:
+        return {}
+    base, *more = (
+        _selective_terms(saved, ins, outs, costs, i, t, sel_bwd[k][i])
+        for k, t in enumerate([0.0, *thresholds])
+    )
+    return {
+        "sel_saved_bytes": base.saved_bytes,
+        "sel_saves_output_bytes": base.saves_output_bytes,
+        "sel_recomputed_bytes": base.recomputed_bytes,
+        "sel_recompute_flops": base.recompute_flops,
+        "sel_bwd_peak_bytes": base.bwd_peak_bytes,
+        "sel_recompute_time_s": base.recompute_time_s,
+        "sel_variants": tuple(more),
     }
+
+
+# Variants per unit beyond keeping every kept operator, and the least share of the unit's
+# kept bytes a variant must free beyond the previous one to be worth a profiling pass.
+SEL_VARIANTS = 2
+_MIN_STEP = 0.05
+
+
+def _variant_thresholds(costs: OpCosts, i: int) -> list[float]:
+    """Thresholds for unit ``i``'s variants: each drops the kept calls of the next-lowest
+    intensities (a widening 1x1 convolution before a 3x3 one), stopping at ``SEL_VARIANTS``
+    and never dropping them all (that is a checkpointed unit, already a choice)."""
+    calls = costs.intensities(i)
+    total = sum(b for _, b in calls)
+    out, dropped, last = [], 0, 0
+    for j in range(len(calls) - 1):
+        dropped += calls[j][1]
+        low, high = calls[j][0], calls[j + 1][0]
+        if high <= low * (1 + 1e-6) or low <= 0:
+            continue  # no threshold separates equal intensities
+        if dropped - last >= _MIN_STEP * total:
+            out.append(math.sqrt(low * high))  # between the two, far from either
+            last = dropped
+            if len(out) == SEL_VARIANTS:
+                break
+    return out
 
 
 def profile_model(
@@ -345,7 +455,14 @@ def profile_model(
         # without the views: recomputation runs in backward, where FSDP2 has the unit's
         # parameters in the training dtype (the views swap them back after each forward)
         eligible = [i for i in range(len(units)) if not costs.unsafe[i]]
-        sel_bwd = _selective_bwd_peaks(spec, model, inputs, static, excluded, eligible)
+        thresholds = {i: _variant_thresholds(costs, i) for i in eligible}
+        # one pass per variant level, every unit that has that level at once
+        sel_bwd = [
+            _selective_bwd_peaks(spec, model, inputs, static, excluded,
+                                 {i: ([0.0, *t])[k] for i, t in thresholds.items()
+                                  if k <= len(t)})
+            for k in range(1 + SEL_VARIANTS)
+        ]  # fmt: skip
 
     in_units = {id(p) for _, u in units for p in u.parameters()}
     params = list(model.parameters())
@@ -369,10 +486,10 @@ def profile_model(
                 param_bytes=sum(p.nbytes for p in unit.parameters()),
                 param_numel=sum(p.numel() for p in unit.parameters()),
                 input_held_until=nograd.held_until[i],
-                sel_bwd_peak_bytes=sel_bwd[i] if i in eligible else None,
                 between_held_bytes=plain.between_held[i],
                 between_held_until=plain.between_until[i],
-                **_selective_terms(saved, ins, outs, costs, i),
+                fwd_time_s=costs.fwd_time[i],
+                **_selective_fields(saved, ins, outs, costs, i, thresholds.get(i), sel_bwd),
             )
         )
     last_out = plain.outputs[-1].keys()

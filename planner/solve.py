@@ -125,26 +125,41 @@ def solve_selective(
     costs: UnitCosts,
     *,
     selective: bool = True,
-) -> tuple[list[Segment], list[int]] | None:
+) -> tuple[list[Segment], list[tuple[int, float]]] | None:
     """The least recomputation cost (``costs``: seconds or FLOPs per unit) whose predicted peak
     is ≤ ``budget_bytes``, each unit kept, under op-level selective checkpointing (when
-    ``selective`` and profiled) or inside a checkpointed segment. Returns ``(segments,
-    selective units)``; None if nothing fits."""
+    ``selective`` and profiled; any of the unit's profiled thresholds) or inside a
+    checkpointed segment. Returns ``(segments, selective units as (index, threshold)
+    pairs)``; None if nothing fits."""
     return _solve(prof, cfg, budget_bytes, costs, selective=selective)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class UnitCosts:
     """What recomputing each unit costs: ``full[i]`` inside a checkpointed segment, ``sel[i]``
-    under selective checkpointing (None: unavailable), in seconds or in FLOPs."""
+    under selective checkpointing keeping every kept operator (None: unavailable), in seconds
+    or in FLOPs; ``variants[i]``: (threshold, cost) of its variants that keep fewer
+    (:attr:`planner.profile.UnitProfile.selective_thresholds`)."""
 
     full: tuple[float, ...]
     sel: tuple[float | None, ...]
+    variants: tuple[tuple[tuple[float, float], ...], ...] = ()
+
+    def options(self, i: int) -> list[tuple[float, float]]:
+        """Unit ``i``'s selective options: (threshold, cost), threshold 0.0 first."""
+        if self.sel[i] is None:
+            return []
+        more = self.variants[i] if self.variants else ()
+        return [(0.0, self.sel[i]), *more]
 
     @classmethod
     def flops(cls, prof: ModelProfile) -> UnitCosts:
         sel = tuple(u.sel_recompute_flops if u.has_selective else None for u in prof.units)
-        return cls(tuple(float(u.flops) for u in prof.units), sel)
+        variants = tuple(
+            tuple((v.min_intensity, float(v.recompute_flops)) for v in u.sel_variants)
+            for u in prof.units
+        )
+        return cls(tuple(float(u.flops) for u in prof.units), sel, variants)
 
     @classmethod
     def roofline(cls, prof: ModelProfile, device: str) -> UnitCosts:
@@ -152,83 +167,100 @@ class UnitCosts:
         if any(device not in u.fwd_time_s for u in prof.units):
             return cls.flops(prof)
         sel = tuple(u.sel_recompute_time_s[device] if u.has_selective else None for u in prof.units)
-        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel)
+        variants = tuple(
+            tuple((v.min_intensity, v.recompute_time_s[device]) for v in u.sel_variants)
+            for u in prof.units
+        )
+        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel, variants)
 
 
 # A unit's mode in the programme: None (no unit before), False (kept), True (checkpointed
-# segment), SEL (plain, under op-level selective checkpointing).
+# segment), or ("sel", threshold): plain, under op-level selective checkpointing.
 SEL = "sel"
 
 
 def _solve(
     prof: ModelProfile, cfg: MemoryConfig, budget_bytes: int, costs: UnitCosts, selective: bool
-) -> tuple[list[Segment], list[int]] | None:
+) -> tuple[list[Segment], list[tuple[int, float]]] | None:
     n = len(prof.units)
     statics = _statics(prof, cfg)
     if sum(statics.pre().values()) + prof.pre_peak_bytes > budget_bytes:
         return None  # the work before unit 0 alone does not fit
     base = list(prof.units)
-    views = [u.selective() if selective and u.has_selective else None for u in base]
+    # per unit: {threshold: (view, cost)} of its selective options
+    options = [
+        {t: (base[i].selective(t), c) for t, c in costs.options(i)}
+        if selective and base[i].has_selective
+        else {}
+        for i in range(n)
+    ]
     full = [0.0, *accumulate(costs.full)]
     # front[(pos, prev_mode)] = list of (stored_bytes, cost, back-pointer)
     Entry = tuple[int, float, tuple | None]
     fronts: dict[tuple[int, object], list[Entry]] = {(0, None): [(prof.pre_saved_bytes, 0, None)]}
     cache: dict[tuple, tuple[int, int]] = {}
 
-    def units_for(s: int, prev: object, sel: bool) -> list:
+    def units_for(s: int, prev: object, sel: float | None) -> list:
         u = base
-        if prev == SEL or sel:
+        if isinstance(prev, tuple) or sel is not None:
             u = list(base)
-            if prev == SEL:
-                u[s - 1] = views[s - 1]
-            if sel:
-                u[s] = views[s]
+            if isinstance(prev, tuple):
+                u[s - 1] = options[s - 1][prev[1]][0]
+            if sel is not None:
+                u[s] = options[s][sel][0]
         return u
 
-    def seg_cost(s: int, e: int, c: bool, prev: object, sel: bool) -> tuple[int, int]:
+    def seg_cost(s: int, e: int, c: bool, prev: object, sel: float | None) -> tuple[int, int]:
         key = (s, e, c, prev, sel)
         if key not in cache:
-            stored, events = segment_events(
-                prof, statics, s, e, c, (False if prev == SEL else prev), units_for(s, prev, sel)
-            )
+            before = False if isinstance(prev, tuple) else prev
+            stored, events = segment_events(prof, statics, s, e, c, before, units_for(s, prev, sel))
             cache[key] = (sum(stored), max(ev.static_total + ev.local for ev in events))
         return cache[key]
 
     quantum = max(1, budget_bytes // _BUCKETS)
 
-    def extend(front: list, s: int, e: int, c: bool, prev: object, sel: bool) -> None:
+    def extend(front: list, s: int, e: int, c: bool, prev: object, sel: float | None) -> None:
         stored, need = seg_cost(s, e, c, prev, sel)
-        extra = full[e] - full[s] if c else (costs.sel[s] or 0.0) if sel else 0.0
-        target = fronts.setdefault((e, SEL if sel else c), [])
+        if c:
+            extra, mode = full[e] - full[s], True
+        elif sel is not None:
+            extra, mode = options[s][sel][1], (SEL, sel)
+        else:
+            extra, mode = 0.0, False
+        target = fronts.setdefault((e, mode), [])
         for prefix, rec, bp in front:
             if prefix + need > budget_bytes:
                 break  # fronts are sorted by stored bytes
             target.append((prefix + stored, rec + extra, ((s, e, c, sel), bp)))
 
+    def modes(s: int) -> list:
+        return [None, False, True, *((SEL, t) for t in (options[s - 1] if s else ()))]
+
     for s in range(n):
-        for prev in (None, False, True, SEL):
+        for prev in modes(s):
             if (s, prev) in fronts:
                 fronts[(s, prev)] = _pareto(fronts[(s, prev)], quantum)
         merged: list = []
-        for prev in (None, False, True, SEL):
+        for prev in modes(s):
             front = fronts.get((s, prev))
             if not front:
                 continue
             merged += front
             # A plain segment longer than one unit equals a run of one-unit plain segments.
-            extend(front, s, s + 1, False, prev, False)
-            if views[s] is not None:
-                extend(front, s, s + 1, False, prev, True)
+            extend(front, s, s + 1, False, prev, None)
+            for t in options[s]:
+                extend(front, s, s + 1, False, prev, t)
         # A checkpointed segment saves its input whatever came before: one pass for all modes.
         merged = _pareto(merged, quantum)
         for e in range(s + 1, n + 1):
-            extend(merged, s, e, True, None, False)
+            extend(merged, s, e, True, None, None)
     best: tuple[float, tuple] | None = None
-    for last in (False, True, SEL):
+    for last in modes(n)[1:]:
         entries = _pareto(fronts.get((n, last), []), quantum)
         if not entries:
             continue
-        tail_units = units_for(n, last, False) if last == SEL else base
+        tail_units = units_for(n, last, None) if isinstance(last, tuple) else base
         _, events = tail_events(prof, statics, last is True, tail_units)
         need = max(ev.static_total + ev.local for ev in events)
         for prefix, rec, bp in entries:
@@ -237,13 +269,13 @@ def _solve(
     if best is None:
         return None
     segments: list[Segment] = []
-    chosen: list[int] = []
+    chosen: list[tuple[int, float]] = []
     bp = best[1]
     while bp is not None:
         (s, e, c, sel), bp = bp
         segments.append((s, e, c))
-        if sel:
-            chosen.append(s)
+        if sel is not None:
+            chosen.append((s, sel))
     return normalize_segments(segments[::-1], n), sorted(chosen)
 
 

@@ -185,10 +185,12 @@ def test_verify_checks_the_plan_with_memtracker(capsys):
     assert v["peak_bytes"] == out["verified_peak_bytes"]
     assert out["fits"] == (max(out["peak_bytes"], v["peak_bytes"]) <= out["budget_bytes"])
     from fsdpkit import get_model_spec
+    from planner import Plan
 
     spec = get_model_spec("toy_models:vit_spec")
-    segments = [tuple(s) for s in out["segments"]]
-    assert memtracker_peak(spec, 4, segments, selective=out["selective"]) == v["peak_bytes"]
+    plan = Plan.from_json(out)
+    measured = memtracker_peak(spec, 4, plan.segments, selective=plan.selective_spec)
+    assert measured == v["peak_bytes"]
 
 
 ANY_MODULE = ["--batch", "4", "--no-fsdp", "--dtype", "fp32", "--overhead", "0", "--gpu-mem", "1"]

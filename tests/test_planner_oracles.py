@@ -76,12 +76,16 @@ def assert_within(predicted: int, measured: int, what: str, tolerance=TOLERANCE)
 @given(data=st.data())
 def test_one_process_prediction_matches_memtracker(name, data):
     """Drawn: batch, segmentation, and which units of the plain segments run under op-level
-    selective checkpointing."""
+    selective checkpointing, at which of their profiled thresholds."""
     batch = data.draw(st.sampled_from(CORPUS[name][1]), label="batch")
     prof = _profile(name, batch)
     segs = data.draw(segmentations(len(prof.units)), label="segments")
     plain = [i for s, e, c in segs if not c for i in range(s, e) if prof.units[i].has_selective]
-    sel = sorted(data.draw(st.sets(st.sampled_from(plain)) if plain else st.just(set()), "sel"))
+    units = sorted(data.draw(st.sets(st.sampled_from(plain)) if plain else st.just(set()), "sel"))
+    sel = [
+        (i, data.draw(st.sampled_from(prof.units[i].selective_thresholds), f"threshold {i}"))
+        for i in units
+    ]
     predicted = estimate(prof, segs, MemoryConfig(), sel).peak_bytes
     measured = memtracker_peak(_spec(name), batch, segs, selective=sel)
     assert_within(predicted, measured, f"{name} batch {batch} {segs} selective {sel}")
@@ -99,6 +103,23 @@ def test_rg8gf_matches_memtracker_with_segments_and_selective_units():
     assert_within(predicted, measured, f"rg8gf {segs} selective {sel}")
 
 
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_every_selective_variant_matches_memtracker(name):
+    """Each unit's variants that keep fewer operators (kitcore.selective.keeps), every unit
+    that has one at its first and then at its last: all at once, after a plain unit 0."""
+    batch = CORPUS[name][1][-1]
+    prof = _profile(name, batch)
+    n = len(prof.units)
+    varied = [i for i, u in enumerate(prof.units) if i and len(u.selective_thresholds) > 1]
+    if name in ("tiny", "toy-vit", "hf-regnet", "hf-vit"):
+        assert varied, f"{name}: no unit has a variant"
+    for pick in (1, -1):
+        sel = [(i, prof.units[i].selective_thresholds[pick]) for i in varied]
+        predicted = estimate(prof, [(0, n, False)], MemoryConfig(), sel).peak_bytes
+        measured = memtracker_peak(_spec(name), batch, [(0, n, False)], selective=sel)
+        assert_within(predicted, measured, f"{name} batch {batch} selective {sel}")
+
+
 @pytest.mark.parametrize("name", ["toy-vit", "hf-regnet", "hf-convnext"])
 def test_a_plan_that_fits_fits_under_memtracker(name):
     """Plans for budgets between the static floor and the plain peak: each that reports
@@ -114,7 +135,7 @@ def test_a_plan_that_fits_fits_under_memtracker(name):
         if not plan.fits:
             continue
         fitted += 1
-        measured = memtracker_peak(_spec(name), 2, plan.segments, selective=plan.selective)
+        measured = memtracker_peak(_spec(name), 2, plan.segments, selective=plan.selective_spec)
         assert measured <= plan.budget_bytes, (plan.segments, measured, plan.budget_bytes)
         what = f"{name} plan {plan.segments} selective {plan.selective}"
         assert_within(plan.peak_bytes, measured, what)
@@ -161,6 +182,22 @@ def test_fsdp2_prediction_matches_fsdp_memtracker(name, batch, dtype, world, seg
     assert_within(predicted, measured, f"{name} ws {world} {dtype} {segments}")
 
 
+@pytest.mark.parametrize(("name", "dtype"), [("toy-vit", "bf16"), ("hf-regnet", "fp32")])
+def test_fsdp2_selective_variants_match_fsdp_memtracker(name, dtype):
+    """Every unit with a variant that keeps fewer operators runs it, sharded (world size 8)."""
+    prof = _profile(name, 2, dtype)
+    n = len(prof.units)
+    sel = [(i, u.selective_thresholds[-1]) for i, u in enumerate(prof.units)
+           if len(u.selective_thresholds) > 1]  # fmt: skip
+    assert sel, f"{name}: no unit has a variant"
+    cfg = MemoryConfig(world_size=8, sharded=True)
+    predicted = estimate(prof, [(0, n, False)], cfg, sel).peak_bytes
+    measured = fsdp_memtracker_peak(
+        _spec(name), 2, [(0, n, False)], selective=sel, world_size=8, dtype=dtype
+    )
+    assert_within(predicted, measured, f"{name} ws 8 {dtype} selective {sel}")
+
+
 @pytest.mark.parametrize("name", ["toy-vit", "hf-regnet"])
 def test_an_fsdp2_plan_that_fits_fits_under_fsdp_memtracker(name):
     """Sharded plans (world size 8) for budgets between the static floor and the plain
@@ -197,7 +234,7 @@ def test_verified_fsdp2_plan_fits_fsdp_memtracker(name, dtype):
     if plan.fits:
         segs = plan.segments
         measured = fsdp_memtracker_peak(
-            _spec(name), 2, segs, selective=plan.selective, world_size=8, dtype=dtype
+            _spec(name), 2, segs, selective=plan.selective_spec, world_size=8, dtype=dtype
         )
         assert measured == plan.verified_peak_bytes <= plan.budget_bytes
 

@@ -51,15 +51,16 @@ def test_unit_flops_add_up_to_the_forward():
 
 
 def _plans(prof):
-    """No checkpointing, and the planner's plan for a budget halfway from the plain peak to
-    the lowest one checkpointing reaches (every unit its own segment)."""
+    """(segments, selective units) of no checkpointing, and of the planner's plan for a
+    budget halfway from the plain peak to the lowest one checkpointing reaches (every unit
+    its own segment)."""
     n = len(prof.units)
     plain = estimate(prof, [(0, n, False)], STEP).peak_bytes
     lowest = estimate(prof, [(i, i + 1, True) for i in range(n)], STEP).peak_bytes
     budget = (plain + lowest) // 2
     plan = plan_checkpoints(prof, budget, STEP)
-    assert plan.fits and any(c for _, _, c in plan.segments)
-    return {"none": [(0, n, False)], "planned": list(plan.segments)}
+    assert plan.fits and set(plan.choices()) != {"keep"}
+    return {"none": ([(0, n, False)], []), "planned": (list(plan.segments), plan.selective_spec)}
 
 
 @pytest.mark.parametrize(
@@ -70,9 +71,9 @@ def _plans(prof):
 def test_predicted_peak_covers_a_real_cpu_step_within_3_percent(name, batch):
     spec = get_model_spec(name)
     prof = profile_model(spec, batch)  # symbolic: meta device
-    for label, segments in _plans(prof).items():
-        predicted = estimate(prof, segments, STEP).peak_bytes
-        measured = measure_step(spec, batch, segments).peak_bytes
+    for label, (segments, selective) in _plans(prof).items():
+        predicted = estimate(prof, segments, STEP, selective).peak_bytes
+        measured = measure_step(spec, batch, segments, selective=selective).peak_bytes
         assert measured <= predicted <= 1.03 * measured, (label, predicted, measured)
 
 
@@ -80,8 +81,9 @@ def test_checkpointing_saves_what_the_plan_says():
     spec = get_model_spec("tiny")
     prof = profile_model(spec, 8)
     plans = _plans(prof)
-    none = measure_step(spec, 8, plans["none"]).peak_bytes
-    planned = measure_step(spec, 8, plans["planned"]).peak_bytes
+    none = measure_step(spec, 8, plans["none"][0]).peak_bytes
+    segments, selective = plans["planned"]
+    planned = measure_step(spec, 8, segments, selective=selective).peak_bytes
     assert planned < none
 
 

@@ -63,7 +63,7 @@ def test_op_granularity_fits_whenever_units_fit_and_recomputes_no_longer(name, f
         # both optimal up to the fronts' bucketing (1/512 of the budget in stored bytes)
         assert op.recompute_time_s <= unit.recompute_time_s * 1.05 + 1e-12
     if op.fits:
-        assert estimate(prof, list(op.segments), cfg, op.selective).peak_bytes <= budget
+        assert estimate(prof, list(op.segments), cfg, op.selective_spec).peak_bytes <= budget
     # no plan of the same choices recomputes less than the lower bound
     costs = UnitCosts.roofline(prof, DEFAULT_GPU)
     for plan, sel in ((op, True), (unit, False)):
@@ -176,3 +176,73 @@ def test_cli_gpu_is_the_default_budget_and_unit_granularity_has_no_selective(cap
     assert main([*argv, "--gpu-mem", "20MiB"]) == 0  # op granularity: may choose selective
     op = json.loads(capsys.readouterr().out)
     assert op["fits"] and op["recompute_time_fraction"] <= out["recompute_time_fraction"] + 1e-12
+
+
+@pytest.mark.parametrize("name", ["tiny", "toy-vit"])
+def test_a_variant_recomputes_exactly_the_kept_operators_below_its_threshold(name):
+    """A unit's variant (kitcore.selective.keeps) as apply_ac runs it: gradients equal a
+    plain step's in float64, and its backward runs exactly the FLOPs the profile says it
+    recomputes beyond the variant that keeps every kept operator (torch's FLOP formulas over
+    every operator the backward dispatches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Flops(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            count = flop_registry.get(func._overloadpacket)
+            self.total += count(*args, **(kwargs or {}), out_val=out) if count else 0
+            return out
+
+    spec, prof = MODELS[name](), _profile(name)
+    i = next(i for i, u in enumerate(prof.units) if len(u.selective_thresholds) > 1)
+    u = prof.units[i]
+    units = [n for n, _ in spec.named_units(spec.build_model("meta"))]
+    grads, flops = [], {}
+    for t in (None, *u.selective_thresholds):
+        torch.manual_seed(0)
+        model = spec.build_model("cpu").double().train()
+        if t is not None:
+            plan = Plan_(units, [(0, len(units), False)], (i,))
+            # FLOPs per byte: float64 outputs have twice the bytes of the profiled float32
+            plan.selective_min_intensity = (t / 2,)
+            apply_ac(model, plan)
+        x = spec.example_input(2, torch.device("cpu"))
+        x = x.double() if torch.is_tensor(x) else [c.double() for c in x]
+        loss = spec.training_loss(model(x))
+        with Flops() as counter:
+            loss.backward()
+        flops[t] = counter.total
+        grads.append([p.grad for p in model.parameters()])
+    for ref, other in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ref, other, rtol=1e-12, atol=1e-14)
+    for t, v in zip(u.selective_thresholds[1:], u.sel_variants, strict=True):
+        for ref, other in zip(grads[0], grads[1 + u.selective_thresholds.index(t)], strict=True):
+            torch.testing.assert_close(ref, other, rtol=1e-12, atol=1e-14)
+        assert flops[t] - flops[0.0] == v.recompute_flops - u.sel_recompute_flops > 0, (t, flops)
+
+
+def test_the_intensity_policy_decides_alike_without_the_operators_output():
+    """torch releases before op_output ask the policy before the operator runs: the output's
+    shape then comes from meta tensors, and the decision is the same."""
+    from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
+
+    from fsdpkit.ac import _intensity_policy
+    from kitcore.selective import op_intensity
+
+    x, w = torch.randn(2, 8, 5, 5), torch.randn(32, 8, 1, 1)
+    conv = torch.ops.aten.convolution.default
+    args = (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    out = conv(*args)
+    intensity = op_intensity(conv, args, {}, out)
+    assert intensity == 2 * 8 / 4  # 2 FLOPs per multiply-add, 8 inputs per output, 4 B each
+    for threshold, kept in ((intensity * 0.99, True), (intensity * 1.01, False)):
+        policy = _intensity_policy(threshold)
+        for ctx in (SelectiveCheckpointContext(is_recompute=False, op_output=out),
+                    SelectiveCheckpointContext(is_recompute=False)):  # fmt: skip
+            decision = policy(ctx, conv, *args)
+            assert (decision == CheckpointPolicy.MUST_SAVE) == kept
+        relu = policy(ctx, torch.ops.aten.relu.default, x)
+        assert relu == CheckpointPolicy.PREFER_RECOMPUTE

@@ -12,6 +12,7 @@ from fsdpkit import FsdpkitError
 from planner import (
     MemoryConfig,
     ModelProfile,
+    SelVariant,
     UnitCosts,
     UnitProfile,
     estimate,
@@ -20,6 +21,7 @@ from planner import (
     recompute_lower_bound,
     solve_minmax,
     solve_recompute,
+    solve_selective,
     sqrt_segments,
     static_floor_bytes,
 )
@@ -195,3 +197,71 @@ def test_the_lower_bound_is_below_every_segmentation_that_fits(prof, cfg, where)
     assert bound == 0.0 if plain <= budget else bound > 0.0
     if feasible:
         assert bound <= min(feasible) + 1e-9
+
+
+@st.composite
+def selective_profiles(draw):
+    """Random profiles whose units may run selective, at up to three thresholds."""
+    prof = draw(profiles(max_units=4))
+    units = []
+    for u in prof.units:
+        if not draw(st.booleans()):
+            units.append(u)
+            continue
+        kept = draw(st.integers(0, u.saved_bytes))
+        flops = draw(st.integers(0, u.flops - 1)) if u.flops > 1 else 0
+        variants = []
+        for k in range(draw(st.integers(0, 2))):
+            kept = draw(st.integers(0, kept))  # keeping fewer: fewer bytes, more FLOPs
+            flops = draw(st.integers(flops, u.flops))
+            # recomputation only adds to a backward's working set (the bound's premise)
+            variants.append(SelVariant(float(k + 1), kept, 0, u.saved_bytes - kept, flops, {},
+                                       draw(st.integers(u.bwd_peak_bytes, 4000))))  # fmt: skip
+        units.append(dataclasses.replace(
+            u, sel_saved_bytes=draw(st.integers(kept, u.saved_bytes)), sel_recompute_flops=flops
+            if not variants else draw(st.integers(0, variants[0].recompute_flops)),
+            sel_saves_output_bytes=draw(st.sampled_from([0, u.saves_output_bytes])),
+            sel_bwd_peak_bytes=draw(st.integers(u.bwd_peak_bytes, 4000)),
+            sel_variants=tuple(variants),
+        ))  # fmt: skip
+    return dataclasses.replace(prof, units=tuple(units))
+
+
+def all_selective_plans(prof):
+    """Every segmentation, and in its plain segments every unit kept or at any threshold."""
+    for segs in all_segmentations(len(prof.units)):
+        plain = [i for s, e, c in segs if not c for i in range(s, e)]
+        choices = [[None, *prof.units[i].selective_thresholds] for i in plain]
+        for pick in itertools.product(*choices):
+            yield segs, [(i, t) for i, t in zip(plain, pick, strict=True) if t is not None]
+
+
+@given(selective_profiles(), configs, st.floats(0.0, 1.0))
+def test_the_selective_solver_is_the_exhaustive_optimum(prof, cfg, where):
+    """Per unit: kept, selective at any profiled threshold, or in a checkpointed segment. The
+    solver's cost equals the cheapest fitting choice found by enumeration, and its plan fits;
+    the lower bound is below it."""
+    n = len(prof.units)
+    plain = estimate(prof, [(0, n, False)], cfg).peak_bytes
+    floor = static_floor_bytes(prof, cfg)
+    budget = int(floor + where * (plain - floor))
+    costs = UnitCosts.flops(prof)
+
+    def cost(segs, sel):
+        options = {i: dict(costs.options(i)) for i, _ in sel}
+        return recompute(prof, segs) + sum(options[i][t] for i, t in sel)
+
+    feasible = [
+        cost(segs, sel)
+        for segs, sel in all_selective_plans(prof)
+        if estimate(prof, segs, cfg, sel).peak_bytes <= budget
+    ]
+    got = solve_selective(prof, cfg, budget, costs)
+    bound = recompute_lower_bound(prof, budget, cfg, costs)
+    if not feasible:
+        assert got is None
+        return
+    segs, sel = got
+    assert estimate(prof, segs, cfg, sel).peak_bytes <= budget
+    assert cost(segs, sel) == min(feasible)
+    assert bound is not None and bound <= min(feasible) + 1e-9
