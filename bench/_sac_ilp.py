@@ -115,7 +115,7 @@ def collect(spec, batch: int, device: Device) -> SacIlpStats:
 def solve(stats: SacIlpStats, budget_bytes: int) -> dict[str, list[int]] | None:
     """``sac_milp`` at ``budget_bytes`` (its own peak model), then torch's per-op MILP per
     chosen unit: unit name (relative to the model) -> save (1) / recompute (0) per operator.
-    None when the MILP finds no solution."""
+    None when either MILP finds no solution."""
     import torch.distributed._tools.sac_ilp as sac_ilp
 
     decisions, _, peak = sac_ilp.sac_milp(stats.graph, budget_bytes / GIB, ac_units=stats.units)
@@ -125,12 +125,16 @@ def solve(stats: SacIlpStats, budget_bytes: int) -> dict[str, list[int]] | None:
     # An operator with no bytes and no time (``aten.empty``) is in no constraint, so CBC
     # leaves its variable unset and torch's ``round(x.varValue)`` fails on None: recompute it.
     with mock.patch.object(sac_ilp, "round", _round_unset, create=True):
-        return {
+        policies = {
             fqn.removeprefix(prefix): sac_ilp.get_optimal_checkpointing_policy_per_module(
                 stats.sac_stats[fqn], memory_budget=max(0.0, 1.0 - discard)
             )
             for fqn, discard in decisions.items()
         }
+    # torch's per-op MILP returns [] when CBC finds no solution in its 10 s limit
+    if any(not save for save in policies.values()):
+        return None
+    return policies
 
 
 def _round_unset(value: float | None) -> int:

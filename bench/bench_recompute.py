@@ -140,7 +140,7 @@ def sac_sweep(spec, batch, fractions, steps, device, plain) -> tuple[list[dict],
     for f in fractions:
         policies = _sac_ilp.solve(stats, int(f * stats.baseline_peak_bytes))
         if policies is None:
-            rows.append({"method": f"sac_ilp {f:g}", "status": "MILP infeasible"})
+            rows.append({"method": f"sac_ilp {f:g}", "status": "no MILP solution"})
             continue
         row = eager_row(spec, batch, lambda m, p=policies: _sac_ilp.apply(m, p), steps, device)
         rows.append(relative({"method": f"sac_ilp {f:g}", "sac_budget_fraction": f,

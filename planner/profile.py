@@ -382,7 +382,7 @@ def _selective_fields(saved, ins, outs, costs, i, thresholds, sel_bwd) -> dict[s
 
 # Variants per unit beyond keeping every kept operator, and the least share of the unit's
 # kept bytes a variant must free beyond the previous one to be worth a profiling pass.
-SEL_VARIANTS = 2
+SEL_VARIANTS = 1
 _MIN_STEP = 0.05
 
 
@@ -394,6 +394,8 @@ def _variant_thresholds(costs: OpCosts, i: int) -> list[float]:
     total = sum(b for _, b in calls)
     out, dropped, last = [], 0, 0
     for j in range(len(calls) - 1):
+        if len(out) >= SEL_VARIANTS:
+            break
         dropped += calls[j][1]
         low, high = calls[j][0], calls[j + 1][0]
         if high <= low * (1 + 1e-6) or low <= 0:
@@ -401,8 +403,6 @@ def _variant_thresholds(costs: OpCosts, i: int) -> list[float]:
         if dropped - last >= _MIN_STEP * total:
             out.append(math.sqrt(low * high))  # between the two, far from either
             last = dropped
-            if len(out) == SEL_VARIANTS:
-                break
     return out
 
 
