@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +27,17 @@ from .devices import GPUS, roofline_seconds
 from .tracker import storage_key
 
 __all__ = ["OpCosts"]
+
+
+@dataclass(slots=True)
+class _KeptCall:
+    """One call of a kept operator in a unit's forward."""
+
+    intensity: float  # FLOPs per byte of output (kitcore.selective.op_intensity)
+    flops: int
+    times: dict[str, float]  # roofline seconds per device
+    alive: dict[int, int] = field(default_factory=dict)  # storages it made: key -> bytes
+    died: int = 0  # bytes of those that died in the forward (the cache holds them)
 
 
 def _bytes(obj: Any) -> int:
@@ -43,18 +55,16 @@ class OpCosts:
         self.fwd_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
         self.sel_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
         self.sel_flops = [0] * n
-        # Kept outputs alive when the forward ends (storage key -> bytes), and the bytes of
-        # those that died in the forward (the plain step keeps them for nothing; the cache
+        # Kept outputs alive when the forward ends (storage key -> bytes); those that died in
+        # it move to their call's ``died`` (the plain step keeps them for nothing; the cache
         # holds them to backward). Keys of dead storages are reused by later ones: never mixed.
         self.kept: list[dict[int, int]] = [{} for _ in range(n)]
-        self.kept_dead = [0] * n
         self.forward_done = False
         self._refs: list[weakref.ref] = []
         self.unsafe = [False] * n  # a kept output mutated in place by a non-idempotent op
-        # per unit, per kept operator call: [FLOPs per output byte, FLOPs, time per device,
-        # {storage key: bytes} it made, bytes of those that died in the forward]; what a
-        # threshold on intensity (kitcore.selective.keeps) keeps and recomputes
-        self.kept_calls: list[list[list]] = [[] for _ in range(n)]
+        # per unit, its kept operator calls: what a threshold on intensity
+        # (kitcore.selective.keeps) keeps and recomputes
+        self.kept_calls: list[list[_KeptCall]] = [[] for _ in range(n)]
 
     def __call__(self, func, args, kwargs, out, flops: int) -> None:
         if func.is_view:
@@ -78,14 +88,14 @@ class OpCosts:
         ):
             self.unsafe[i] = True
         if is_kept_op(func):
-            call = [op_intensity(func, args, kwargs, out), flops, dict(times), {}, 0]
+            call = _KeptCall(op_intensity(func, args, kwargs, out), flops, dict(times))
             self.kept_calls[i].append(call)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     st = t.untyped_storage()
                     key = storage_key(st)
                     if key not in self.excluded and key not in self.kept[i]:
-                        self.kept[i][key] = call[3][key] = st.nbytes()
+                        self.kept[i][key] = call.alive[key] = st.nbytes()
                         self._refs.append(weakref.ref(st, self._died(i, key, call)))
         else:
             self.sel_flops[i] += flops
@@ -97,29 +107,29 @@ class OpCosts:
         """The forward is over: storages that die from now on were kept to backward."""
         self.forward_done = True
 
-    def _died(self, i: int, key: int, call: list):
+    def _died(self, i: int, key: int, call: _KeptCall):
         def died(_ref: weakref.ref) -> None:
             if not self.forward_done and key in self.kept[i]:
-                self.kept_dead[i] += self.kept[i].pop(key)
-                call[4] += call[3].pop(key)
+                del self.kept[i][key]
+                call.died += call.alive.pop(key)
 
         return died
 
     def intensities(self, i: int) -> list[tuple[float, int]]:
         """Unit ``i``'s kept calls as (FLOPs per output byte, bytes they keep), ascending."""
-        return sorted((c[0], sum(c[3].values()) + c[4]) for c in self.kept_calls[i])
+        return sorted((c.intensity, sum(c.alive.values()) + c.died) for c in self.kept_calls[i])
 
     def threshold(self, i: int, min_intensity: float) -> tuple[dict[int, int], int, int, dict]:
         """Under threshold ``min_intensity``: the kept storages alive at the forward's end,
         the kept bytes that died in it, and the FLOPs and time per device recomputed."""
         kept, dead = {}, 0
         flops, time = self.sel_flops[i], dict(self.sel_time[i])
-        for intensity, f, times, keys, died in self.kept_calls[i]:
-            if intensity >= min_intensity:
-                kept.update(keys)
-                dead += died
+        for c in self.kept_calls[i]:
+            if c.intensity >= min_intensity:
+                kept.update(c.alive)
+                dead += c.died
             else:
-                flops += f
-                for k, t in times.items():
+                flops += c.flops
+                for k, t in c.times.items():
                     time[k] += t
         return kept, dead, flops, time
