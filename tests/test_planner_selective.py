@@ -246,3 +246,22 @@ def test_the_intensity_policy_decides_alike_without_the_operators_output():
             assert (decision == CheckpointPolicy.MUST_SAVE) == kept
         relu = policy(ctx, torch.ops.aten.relu.default, x)
         assert relu == CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def test_bad_thresholds_are_refused_in_one_line(tmp_path):
+    """A plan whose thresholds do not match its selective units, or a threshold the profile
+    never measured, is an error naming what is wrong, not a silent plain unit."""
+    prof = _profile("tiny")
+    n = len(prof.units)
+    plan = plan_checkpoints(prof, estimate(prof, [(0, n, False)], MemoryConfig()).peak_bytes,
+                            MemoryConfig())  # fmt: skip
+    data = {**plan.to_json(), "selective": [1, 2], "selective_min_intensity": [3.0]}
+    with pytest.raises(FsdpkitError, match="one entry per selective unit"):
+        Plan.from_json(data)
+    spec = MODELS["tiny"]()
+    bad = Plan_(list(plan.units), [(0, n, False)], (1, 2))
+    bad.selective_min_intensity = (3.0,)
+    with pytest.raises(FsdpkitError, match="2 selective units"):
+        apply_ac(spec.build_model("cpu"), bad)
+    with pytest.raises(FsdpkitError, match="not profiled with selective threshold 3"):
+        estimate(prof, [(0, n, False)], MemoryConfig(), [(1, 3.0)])
