@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_leaves, tree_map
 
 from kitcore.errors import FsdpkitError
-from kitcore.selective import is_kept_op, kept_ops, op_intensity
+from kitcore.selective import is_candidate, keeps, kept_ops
 
 from ._torch_private import check_checkpoint_region, checkpoint_region
 
@@ -47,8 +47,8 @@ _HANDLES = "_fsdpkit_ac_handles"
 class CheckpointPlan(Protocol):
     """What :func:`apply_ac` reads from a plan (``planner.Plan`` satisfies it); an optional
     ``selective`` (unit indices) is read too, and with it an optional
-    ``selective_min_intensity`` (per selective unit, in the same order: FLOPs per byte, 0 =
-    keep every kept operator; see :func:`selective_context_fn`)."""
+    ``selective_min_intensity`` (per selective unit, in the same order: 0 = keep the kept
+    operators, above 0 a score threshold in FLOPs per byte; see :func:`selective_context_fn`)."""
 
     units: Sequence[str]
     segments: Sequence[tuple[int, int, bool]]
@@ -57,9 +57,10 @@ class CheckpointPlan(Protocol):
 def selective_context_fn(min_intensity: float = 0.0) -> Any:
     """``context_fn`` for ``torch.utils.checkpoint``: keep the outputs of the operators of
     :func:`kitcore.selective.kept_ops` (convolutions, matrix products, attention), recompute
-    the rest in backward. With ``min_intensity`` > 0 (FLOPs per byte of output), keep only
-    those of them at least that intense (:func:`kitcore.selective.keeps`): fewer bytes held,
-    more recomputed."""
+    the rest in backward. With ``min_intensity`` > 0 (FLOPs per byte), keep instead every
+    operator whose recompute time per byte kept scores at least that
+    (:func:`kitcore.selective.keeps`): a low threshold keeps residual adds and normalisations
+    too, a high one only the most intense convolutions."""
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
     # A kept output may be mutated in place by an idempotent op (kitcore.selective); the
@@ -72,12 +73,12 @@ def _intensity_policy(min_intensity: float) -> Any:
     from torch.utils.checkpoint import CheckpointPolicy
 
     def policy(ctx: Any, func: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
-        if not is_kept_op(func):
+        if not is_candidate(func):
             return CheckpointPolicy.PREFER_RECOMPUTE
         out = getattr(ctx, "op_output", None)
         if out is None:  # torch releases that ask before the operator runs
             out = _meta_output(func, args, kwargs)
-        if op_intensity(func, args, kwargs, out) >= min_intensity:
+        if keeps(func, args, kwargs, out, min_intensity):
             return CheckpointPolicy.MUST_SAVE
         return CheckpointPolicy.PREFER_RECOMPUTE
 

@@ -10,10 +10,17 @@ memory bandwidth: the planner prices them with a roofline, not FLOPs).
 :func:`kept_ops` is what :mod:`planner` profiles as "kept" and what :func:`fsdpkit.apply_ac`
 tells ``torch.utils.checkpoint``'s selective-checkpoint API to save, so the two cannot disagree.
 
-A unit may also keep fewer: only the kept operators whose arithmetic intensity (FLOPs per byte
-of output, :func:`op_intensity`) is at least a threshold (:func:`keeps`). A 1x1 convolution
-that widens its input 4x writes many bytes for few FLOPs per byte; recomputing it frees those
-bytes for less time than recomputing a whole unit, while a 3x3 convolution stays kept.
+A unit may also keep by a threshold instead (:func:`keeps`): any operator whose output costs
+at least that much time to recompute per byte kept. The score (:func:`op_score`) is the
+operator's roofline time per output byte on a reference device, in FLOPs per byte:
+``max(FLOPs / out, ridge * bytes moved / out)``, ``ridge`` being the device's peak FLOP/s over
+its bandwidth (:data:`REFERENCE_RIDGE`). For a compute-bound operator that is its arithmetic
+intensity; for a bandwidth-bound one it is the ridge times the bytes it reads and writes per
+byte it writes. A 1x1 convolution that widens its input 4x scores about 1.3 ridges: cheaper
+per byte to recompute than a residual add (3 ridges) or a ReLU (2), so at a threshold between
+them a unit keeps the add's output and recomputes the convolution's. Keeping by score is the
+greedy (exact for the fractional problem) answer to "least recompute time for these bytes",
+per operator and independent of order, so it holds under FSDP2 and across releases.
 """
 
 from __future__ import annotations
@@ -28,11 +35,15 @@ from torch.utils.flop_counter import flop_registry
 __all__ = [
     "IDEMPOTENT_INPLACE",
     "KEPT_OP_NAMES",
+    "NORM_OP_NAMES",
+    "REFERENCE_RIDGE",
+    "is_candidate",
     "is_kept_op",
     "keeps",
     "kept_ops",
     "mutates_first",
     "op_intensity",
+    "op_score",
 ]
 
 # aten operator packets whose outputs selective checkpointing saves. Names missing from a
@@ -49,6 +60,29 @@ KEPT_OP_NAMES = (
     "_scaled_dot_product_cudnn_attention",
 )
 
+# Operators besides pointwise and reduction ones whose outputs a threshold may keep: the
+# normalisations and softmaxes, bandwidth-bound and often the largest saves of a unit.
+NORM_OP_NAMES = (
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "native_layer_norm",
+    "native_group_norm",
+    "_softmax",
+    "_log_softmax",
+)
+
+# Peak FLOP/s over memory bandwidth (FLOPs per byte) of the reference device, H100 SXM
+# (``planner.devices``' default): dense tensor-core FP16/BF16, FP32 without TF32, and FP64 at
+# half the FP32 rate (34 TFLOP/s on the part), so a float64 call scores exactly half its
+# float32 twin, as its FLOPs per byte are half. It only orders operators; the planner prices
+# every threshold's choice on the plan's own device.
+REFERENCE_RIDGE = {
+    torch.float16: 989e12 / 3_350e9,
+    torch.bfloat16: 989e12 / 3_350e9,
+    torch.float32: 67e12 / 3_350e9,
+    torch.float64: 67e12 / 2 / 3_350e9,
+}
 
 # In-place operators that give the same result applied twice. A unit's code may apply them to
 # a kept output (``relu(inplace=True)`` after a convolution, as squeeze-excitation blocks do):
@@ -87,6 +121,29 @@ def is_kept_op(func: torch._ops.OpOverload) -> bool:
     return getattr(func, "overloadpacket", None) in _kept_packets()
 
 
+@functools.cache
+def _norm_packets() -> frozenset:
+    aten = torch.ops.aten
+    return frozenset(getattr(aten, n) for n in NORM_OP_NAMES if hasattr(aten, n))
+
+
+@functools.cache
+def is_candidate(func: torch._ops.OpOverload) -> bool:
+    """Whether a threshold may keep ``func``'s output: a kept, pointwise, reduction or
+    normalisation operator that makes a new tensor (no views, nothing written in place, so
+    no cast or copy FSDP2 runs around a unit)."""
+    if is_kept_op(func):
+        return True
+    if func.is_view or mutates_first(func) or any(a.is_out for a in func._schema.arguments):
+        return False
+    tags = set(func.tags)
+    if torch.Tag.inplace in tags or torch.Tag.nondeterministic_seeded in tags:
+        return False
+    if torch.Tag.pointwise in tags or torch.Tag.reduction in tags:
+        return True
+    return getattr(func, "overloadpacket", None) in _norm_packets()
+
+
 def op_intensity(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> float:
     """FLOPs per byte of output of one operator call (torch's FLOP formulas,
     ``torch.utils.flop_counter``); 0 for operators without a formula or outputs."""
@@ -97,11 +154,28 @@ def op_intensity(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: An
     return count(*args, **(kwargs or {}), out_val=out) / out_bytes
 
 
+def op_score(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> float:
+    """Roofline recompute time per byte of output on the reference device, in FLOPs per byte
+    (see the module docstring): ``max(intensity, ridge * bytes moved / bytes out)``; bytes
+    moved are the tensor arguments' and outputs' bytes. 0 for operators without outputs."""
+    outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    out_bytes = sum(t.nbytes for t in outs)
+    if out_bytes == 0:
+        return 0.0
+    moved = out_bytes + sum(
+        t.nbytes for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
+    )
+    ridge = REFERENCE_RIDGE.get(outs[0].dtype, REFERENCE_RIDGE[torch.float32])
+    return max(op_intensity(func, args, kwargs, out), ridge * moved / out_bytes)
+
+
 def keeps(
     func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any, min_intensity: float
 ) -> bool:
-    """Whether selective checkpointing with threshold ``min_intensity`` (FLOPs per byte of
-    output; 0 keeps every kept operator) keeps this call's output."""
-    if not is_kept_op(func):
-        return False
-    return min_intensity <= 0 or op_intensity(func, args, kwargs, out) >= min_intensity
+    """Whether selective checkpointing with threshold ``min_intensity`` keeps this call's
+    output: 0 keeps every kept operator's (:func:`is_kept_op`) and nothing else; above 0,
+    every candidate's (:func:`is_candidate`) whose :func:`op_score` (FLOPs per byte) reaches
+    it."""
+    if min_intensity <= 0:
+        return is_kept_op(func)
+    return is_candidate(func) and op_score(func, args, kwargs, out) >= min_intensity

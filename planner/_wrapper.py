@@ -21,7 +21,8 @@ __all__ = [
 ]
 
 # Units under op-level selective checkpointing: indices (keeping every kept operator) or
-# (index, threshold in FLOPs per output byte) pairs (kitcore.selective.keeps).
+# (index, score threshold in FLOPs per byte; 0 = the kept operators) pairs
+# (kitcore.selective.keeps).
 SelectiveSpec = Sequence[int | tuple[int, float]]
 
 

@@ -4,11 +4,12 @@ selective checkpointing would keep and recompute in each unit.
 :class:`OpCosts` listens to :class:`~planner.tracker.LiveMemory` (``on_op``) during the
 profiled step. Each operator's bytes moved are its tensor arguments' bytes plus its outputs'
 (views move nothing); its time on each device in :data:`planner.devices.GPUS` is the roofline
-of :func:`planner.devices.roofline_seconds`. Per unit, in forward: the outputs of the kept
-operators (:func:`kitcore.selective.is_kept_op`), which selective checkpointing holds until
-backward, and the FLOPs and time of the rest, which it runs again there; and whether its
-code mutates a kept output in place in a way recomputation would repeat (``unsafe``: the unit
-is then not offered selective checkpointing, see :data:`kitcore.selective.IDEMPOTENT_INPLACE`).
+of :func:`planner.devices.roofline_seconds`. Per unit, in forward: every call whose output a
+selective rule may keep (:func:`kitcore.selective.is_candidate`), with its score, the bytes
+the cache would hold to backward and what recomputing it costs; the FLOPs and time of the
+rest, which selective checkpointing always runs again; and which candidates' outputs its code
+mutates in place in a way recomputation would repeat (a rule that keeps one of those is not
+offered, see :data:`kitcore.selective.IDEMPOTENT_INPLACE`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from kitcore.selective import IDEMPOTENT_INPLACE, is_kept_op, mutates_first, op_intensity
+from kitcore.selective import (
+    IDEMPOTENT_INPLACE,
+    is_candidate,
+    is_kept_op,
+    mutates_first,
+    op_score,
+)
 
 from .devices import GPUS, roofline_seconds
 from .tracker import storage_key
@@ -30,14 +37,19 @@ __all__ = ["OpCosts"]
 
 
 @dataclass(slots=True)
-class _KeptCall:
-    """One call of a kept operator in a unit's forward."""
+class _Call:
+    """One call in a unit's forward whose output a selective rule may keep."""
 
-    intensity: float  # FLOPs per byte of output (kitcore.selective.op_intensity)
+    score: float  # kitcore.selective.op_score: FLOPs per byte of output
+    base: bool  # a kept operator (kitcore.selective.is_kept_op): kept at threshold 0
     flops: int
     times: dict[str, float]  # roofline seconds per device
     alive: dict[int, int] = field(default_factory=dict)  # storages it made: key -> bytes
     died: int = 0  # bytes of those that died in the forward (the cache holds them)
+    mutated: bool = False  # written in place in the forward by a non-idempotent operator
+
+    def kept_at(self, min_intensity: float) -> bool:
+        return self.base if min_intensity <= 0 else self.score >= min_intensity
 
 
 def _bytes(obj: Any) -> int:
@@ -53,18 +65,16 @@ class OpCosts:
         self._devices = list(GPUS.items())
         self.step_time = dict.fromkeys(GPUS, 0.0)
         self.fwd_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
-        self.sel_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
-        self.sel_flops = [0] * n
-        # Kept outputs alive when the forward ends (storage key -> bytes); those that died in
-        # it move to their call's ``died`` (the plain step keeps them for nothing; the cache
-        # holds them to backward). Keys of dead storages are reused by later ones: never mixed.
-        self.kept: list[dict[int, int]] = [{} for _ in range(n)]
+        # what no rule keeps: run again in backward by every selective rule
+        self.rest_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
+        self.rest_flops = [0] * n
+        self.calls: list[list[_Call]] = [[] for _ in range(n)]
+        # candidates' outputs alive in the forward (storage key -> call), any unit's: a later
+        # unit may write its input in place. Keys of dead storages are reused by later ones,
+        # so they leave when the storage dies.
+        self._made: dict[int, _Call] = {}
         self.forward_done = False
         self._refs: list[weakref.ref] = []
-        self.unsafe = [False] * n  # a kept output mutated in place by a non-idempotent op
-        # per unit, its kept operator calls: what a threshold on intensity
-        # (kitcore.selective.keeps) keeps and recomputes
-        self.kept_calls: list[list[_KeptCall]] = [[] for _ in range(n)]
 
     def __call__(self, func, args, kwargs, out, flops: int) -> None:
         if func.is_view:
@@ -74,58 +84,65 @@ class OpCosts:
         step_time = self.step_time
         for k, t in times:
             step_time[k] += t
+        if mutates_first(func) and isinstance(args[0], torch.Tensor) and not self.forward_done:
+            call = self._made.get(storage_key(args[0].untyped_storage()))
+            if call is not None and func.overloadpacket.__name__ not in IDEMPOTENT_INPLACE:
+                call.mutated = True
         i = self.unit()
         if i is None:
             return
         fwd = self.fwd_time[i]
         for k, t in times:
             fwd[k] += t
-        if (
-            mutates_first(func)
-            and isinstance(args[0], torch.Tensor)
-            and storage_key(args[0].untyped_storage()) in self.kept[i]
-            and func.overloadpacket.__name__ not in IDEMPOTENT_INPLACE
-        ):
-            self.unsafe[i] = True
-        if is_kept_op(func):
-            call = _KeptCall(op_intensity(func, args, kwargs, out), flops, dict(times))
-            self.kept_calls[i].append(call)
+        if is_candidate(func):
+            score = op_score(func, args, kwargs, out)
+            call = _Call(score, is_kept_op(func), flops, dict(times))
+            self.calls[i].append(call)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     st = t.untyped_storage()
                     key = storage_key(st)
-                    if key not in self.excluded and key not in self.kept[i]:
-                        self.kept[i][key] = call.alive[key] = st.nbytes()
-                        self._refs.append(weakref.ref(st, self._died(i, key, call)))
+                    if key not in self.excluded and key not in self._made:
+                        self._made[key] = call
+                        call.alive[key] = st.nbytes()
+                        self._refs.append(weakref.ref(st, self._died(key, call)))
         else:
-            self.sel_flops[i] += flops
-            sel = self.sel_time[i]
+            self.rest_flops[i] += flops
+            rest = self.rest_time[i]
             for k, t in times:
-                sel[k] += t
+                rest[k] += t
 
     def finish_forward(self) -> None:
         """The forward is over: storages that die from now on were kept to backward."""
         self.forward_done = True
 
-    def _died(self, i: int, key: int, call: _KeptCall):
+    def _died(self, key: int, call: _Call):
         def died(_ref: weakref.ref) -> None:
-            if not self.forward_done and key in self.kept[i]:
-                del self.kept[i][key]
+            if not self.forward_done and self._made.get(key) is call:
+                del self._made[key]
                 call.died += call.alive.pop(key)
 
         return died
 
-    def intensities(self, i: int) -> list[tuple[float, int]]:
-        """Unit ``i``'s kept calls as (FLOPs per output byte, bytes they keep), ascending."""
-        return sorted((c.intensity, sum(c.alive.values()) + c.died) for c in self.kept_calls[i])
+    def unsafe(self, i: int, min_intensity: float = 0.0) -> bool:
+        """Whether unit ``i`` at this threshold keeps an output its code mutates in place in
+        a way recomputation would repeat."""
+        return any(c.mutated and c.kept_at(min_intensity) for c in self.calls[i])
+
+    def scores(self, i: int) -> list[tuple[float, int]]:
+        """Unit ``i``'s candidate calls as (score in FLOPs per output byte, bytes the cache
+        would hold), descending by score."""
+        calls = self.calls[i]
+        return sorted(((c.score, sum(c.alive.values()) + c.died) for c in calls), reverse=True)
 
     def threshold(self, i: int, min_intensity: float) -> tuple[dict[int, int], int, int, dict]:
-        """Under threshold ``min_intensity``: the kept storages alive at the forward's end,
-        the kept bytes that died in it, and the FLOPs and time per device recomputed."""
+        """Under threshold ``min_intensity`` (:func:`kitcore.selective.keeps`): the kept
+        storages alive at the forward's end, the kept bytes that died in it, and the FLOPs
+        and time per device recomputed."""
         kept, dead = {}, 0
-        flops, time = self.sel_flops[i], dict(self.sel_time[i])
-        for c in self.kept_calls[i]:
-            if c.intensity >= min_intensity:
+        flops, time = self.rest_flops[i], dict(self.rest_time[i])
+        for c in self.calls[i]:
+            if c.kept_at(min_intensity):
                 kept.update(c.alive)
                 dead += c.died
             else:

@@ -46,12 +46,12 @@ class Plan:
     the step's peak; ``recompute_flops`` are the forward FLOPs run again in backward, and
     ``step_flops`` the FLOPs of a plain step (forward + backward). ``selective``: units (indices,
     in plain segments) under op-level selective checkpointing; ``selective_min_intensity``:
-    per selective unit, in the same order, the threshold (FLOPs per output byte) below which
-    its kept operators are recomputed too (0: every one kept; empty: all 0; see
-    :func:`kitcore.selective.keeps`). ``recompute_time_s`` and
-    ``step_time_s``: roofline seconds of the recomputation and of a plain step on
-    ``cost_device`` (:mod:`planner.devices`), what the solver minimised; 0 where the profile
-    has no operator costs. ``verified_peak_bytes``:
+    per selective unit, in the same order, its keep rule (0: the outputs of convolutions,
+    products and attention; above 0: every operator whose recompute time per byte kept scores
+    at least that many FLOPs per byte; empty: all 0; see :func:`kitcore.selective.keeps`).
+    ``recompute_time_s`` and ``step_time_s``: roofline seconds of the recomputation and of a
+    plain step on ``cost_device`` (:mod:`planner.devices`), what the solver minimised; 0 where
+    the profile has no operator costs. ``verified_peak_bytes``:
     the peak a memory tracker measured for this plan (None: not verified), which took
     ``verify_time_s`` seconds.
     """

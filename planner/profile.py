@@ -126,8 +126,8 @@ class UnitProfile:
 
     @property
     def selective_thresholds(self) -> tuple[float, ...]:
-        """The thresholds (FLOPs per output byte) this unit was profiled under selective
-        checkpointing with: 0.0 (every kept operator) first, then its variants'."""
+        """The keep rules this unit was profiled under selective checkpointing with: 0.0
+        (every kept operator) first, then its variants' score thresholds (FLOPs per byte)."""
         if not self.has_selective:
             return ()
         return (0.0, *(v.min_intensity for v in self.sel_variants))
@@ -343,7 +343,7 @@ def profile_model(
         model.zero_grad(set_to_none=True)
         # without the views: recomputation runs in backward, where FSDP2 has the unit's
         # parameters in the training dtype (the views swap them back after each forward)
-        eligible = [i for i in range(len(units)) if not costs.unsafe[i]]
+        eligible = [i for i in range(len(units)) if not costs.unsafe(i)]
         thresholds = {i: variant_thresholds(costs, i) for i in eligible}
         # one pass per variant level, every unit that has that level at once
         sel_bwd = [

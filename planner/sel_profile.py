@@ -30,10 +30,10 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class SelVariant:
-    """A unit under op-level selective checkpointing that keeps only the kept operators of at
-    least ``min_intensity`` FLOPs per byte of output (:func:`kitcore.selective.keeps`); the
-    fields mean what :class:`UnitProfile`'s ``sel_*`` fields mean for the variant that keeps
-    them all."""
+    """A unit under op-level selective checkpointing that keeps the outputs of every operator
+    scoring at least ``min_intensity`` (recompute time per byte kept, in FLOPs per byte:
+    :func:`kitcore.selective.keeps`); the fields mean what :class:`UnitProfile`'s ``sel_*``
+    fields mean for the base rule (every kept operator, nothing else)."""
 
     min_intensity: float
     saved_bytes: int
@@ -117,27 +117,42 @@ def selective_fields(saved, ins, outs, costs, i, thresholds, sel_bwd) -> dict[st
     }
 
 
-# Variants per unit beyond keeping every kept operator, and the least share of the unit's
-# kept bytes a variant must free beyond the previous one to be worth a profiling pass.
-SEL_VARIANTS = 1
-_MIN_STEP = 0.05
+# The variants each unit is offered beyond keeping every kept operator: for each share, the
+# threshold whose kept bytes come closest to that share of the base's (see variant_thresholds).
+# Each costs one more profiling pass (all units at once).
+SEL_TARGETS = (0.5, 1.0)
+SEL_VARIANTS = len(SEL_TARGETS)
 
 
 def variant_thresholds(costs: OpCosts, i: int) -> list[float]:
-    """Thresholds for unit ``i``'s variants: each drops the kept calls of the next-lowest
-    intensities (a widening 1x1 convolution before a 3x3 one), stopping at ``SEL_VARIANTS``
-    and never dropping them all (that is a checkpointed unit, already a choice)."""
-    calls = costs.intensities(i)
-    total = sum(b for _, b in calls)
-    out, dropped, last = [], 0, 0
-    for j in range(len(calls) - 1):
-        if len(out) >= SEL_VARIANTS:
-            break
-        dropped += calls[j][1]
-        low, high = calls[j][0], calls[j + 1][0]
-        if high <= low * (1 + 1e-6) or low <= 0:
-            continue  # no threshold separates equal intensities
-        if dropped - last >= _MIN_STEP * total:
-            out.append(math.sqrt(low * high))  # between the two, far from either
-            last = dropped
+    """Thresholds (:func:`kitcore.selective.keeps`) for unit ``i``'s variants. Keeping by
+    score from the top, each distinct score is a level with its kept bytes; for each share in
+    ``SEL_TARGETS`` the level closest to that share of what the base keeps (every kept
+    operator) is offered, unless it keeps nothing, keeps what the base keeps, or keeps an
+    output the unit's code mutates in place (:meth:`OpCosts.unsafe`)."""
+    calls = costs.scores(i)
+    base = costs.threshold(i, 0.0)
+    base_bytes = sum(base[0].values()) + base[1]
+    levels, kept = [], 0
+    for j, (score, b) in enumerate(calls):
+        kept += b
+        lower = calls[j + 1][0] if j + 1 < len(calls) else 0.0
+        if lower >= score * (1 - 1e-6):
+            continue  # the next call scores the same: no threshold separates them
+        t = math.sqrt(score * lower) if lower > 0 else score / 2
+        if t > 0:
+            levels.append((t, kept))
+    out = []
+    for share in SEL_TARGETS:
+        fits = [
+            (abs(b - share * base_bytes), t)
+            for t, b in levels
+            if t not in out and not costs.unsafe(i, t) and not _same_as_base(costs, i, t)
+        ]
+        if fits and base_bytes > 0:
+            out.append(min(fits)[1])
     return out
+
+
+def _same_as_base(costs: OpCosts, i: int, t: float) -> bool:
+    return all(c.kept_at(t) == c.base for c in costs.calls[i])

@@ -137,6 +137,66 @@ def test_a_unit_that_mutates_a_kept_output_in_place_is_offered_selective_only_if
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+class _Mutates(nn.Module):
+    """conv -> x * 2 (a candidate no backward saves) -> add_ on it (not idempotent) -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        w = self.a(x) * 2.0
+        w.add_(1.0)
+        return self.b(w) * 0.5
+
+
+def test_a_rule_that_keeps_an_output_later_written_in_place_is_not_offered(monkeypatch):
+    """Rules by score may keep any operator's output; the cache would then hold a tensor the
+    code later changes, and recomputation would apply the change again (here ``add_``: +1
+    twice). Offered over every level of the score order, no variant keeps such an output, and
+    every one that is offered trains like a plain step (float64)."""
+    from kitcore.selective import op_score
+    from planner import sel_profile
+
+    monkeypatch.setattr(sel_profile, "SEL_TARGETS", (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e9))
+    monkeypatch.setattr(sel_profile, "SEL_VARIANTS", 7)
+    monkeypatch.setattr("planner.profile.SEL_VARIANTS", 7)
+
+    def build(device):
+        torch.manual_seed(0)
+        return nn.Sequential(_Mutates(), _Mutates()).to(device)
+
+    def example_input(batch, device):
+        return torch.randn(batch, 4, 6, 6, generator=torch.Generator().manual_seed(1)).to(device)
+
+    spec = ModelSpec(
+        name="mutates",
+        build=build,
+        example_input=example_input,
+        units=lambda m: [m[0], m[1]],
+        loss=lambda out: out.square().mean(),
+    )
+    prof = profile_model(spec, 2)
+    y = torch.empty(2, 4, 6, 6)
+    mul = torch.ops.aten.mul.Tensor
+    written = op_score(mul, (y, torch.tensor(2.0)), {}, y)  # w = conv(x) * 2.0, then add_
+    assert all(u.has_selective for u in prof.units)
+    offered = [t for u in prof.units for t in u.selective_thresholds[1:]]
+    assert offered and all(t > written for t in offered)
+    grads = {}
+    for t in (None, *sorted(set(offered))):
+        model = spec.build_model("cpu").double()
+        if t is not None:
+            plan = Plan_(["0", "1"], [(0, 2, False)], (0, 1))
+            plan.selective_min_intensity = (t / 2, t / 2)  # float64 scores half of float32
+            apply_ac(model, plan)
+        spec.training_loss(model(spec.example_input(2, "cpu").double())).backward()
+        grads[t] = [p.grad for p in model.parameters()]
+    for t in offered:
+        for a, b in zip(grads[None], grads[t], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 class Plan_:
     def __init__(self, units, segments, selective):
         self.units, self.segments, self.selective = units, segments, selective
@@ -221,31 +281,46 @@ def test_a_variant_recomputes_exactly_the_kept_operators_below_its_threshold(nam
     for t, v in zip(u.selective_thresholds[1:], u.sel_variants, strict=True):
         for ref, other in zip(grads[0], grads[1 + u.selective_thresholds.index(t)], strict=True):
             torch.testing.assert_close(ref, other, rtol=1e-12, atol=1e-14)
-        assert flops[t] - flops[0.0] == v.recompute_flops - u.sel_recompute_flops > 0, (t, flops)
+        assert flops[t] - flops[0.0] == v.recompute_flops - u.sel_recompute_flops, (t, flops)
+    # a variant that keeps less than every kept operator runs some of their FLOPs again
+    assert any(v.recompute_flops > u.sel_recompute_flops for v in u.sel_variants)
 
 
 def test_the_intensity_policy_decides_alike_without_the_operators_output():
     """torch releases before op_output ask the policy before the operator runs: the output's
-    shape then comes from meta tensors, and the decision is the same."""
+    shape then comes from meta tensors, and the decision is the same. The score is the
+    roofline time per output byte in FLOPs per byte: a widening 1x1 convolution's is bound by
+    its bytes and lies below a ReLU's; a cast (FSDP2 runs them around units) is never kept."""
     from torch.utils.checkpoint import CheckpointPolicy, SelectiveCheckpointContext
 
     from fsdpkit.ac import _intensity_policy
-    from kitcore.selective import op_intensity
+    from kitcore.selective import REFERENCE_RIDGE, op_intensity, op_score
 
     x, w = torch.randn(2, 8, 5, 5), torch.randn(32, 8, 1, 1)
     conv = torch.ops.aten.convolution.default
     args = (x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
     out = conv(*args)
-    intensity = op_intensity(conv, args, {}, out)
-    assert intensity == 2 * 8 / 4  # 2 FLOPs per multiply-add, 8 inputs per output, 4 B each
-    for threshold, kept in ((intensity * 0.99, True), (intensity * 1.01, False)):
+    assert op_intensity(conv, args, {}, out) == 2 * 8 / 4  # 2 FLOPs per MAC, 8 in, 4 B out
+    ridge = REFERENCE_RIDGE[torch.float32]
+    score = op_score(conv, args, {}, out)
+    assert score == pytest.approx(ridge * (x.nbytes + w.nbytes + out.nbytes) / out.nbytes)
+    relu = torch.ops.aten.relu.default
+    assert op_score(relu, (x,), {}, relu(x)) == pytest.approx(2 * ridge)
+    assert 2 * ridge > score
+    cast = torch.ops.aten._to_copy.default
+    for threshold, kept in ((score * 0.99, True), (score * 1.01, False)):
         policy = _intensity_policy(threshold)
         for ctx in (SelectiveCheckpointContext(is_recompute=False, op_output=out),
                     SelectiveCheckpointContext(is_recompute=False)):  # fmt: skip
             decision = policy(ctx, conv, *args)
             assert (decision == CheckpointPolicy.MUST_SAVE) == kept
-        relu = policy(ctx, torch.ops.aten.relu.default, x)
-        assert relu == CheckpointPolicy.PREFER_RECOMPUTE
+        bare = SelectiveCheckpointContext(is_recompute=False)
+        assert policy(bare, relu, x) == CheckpointPolicy.MUST_SAVE
+        assert policy(bare, cast, x, dtype=torch.float16) == CheckpointPolicy.PREFER_RECOMPUTE
+    zero = _intensity_policy(0.0)  # threshold 0: the kept operators, nothing else
+    ctx = SelectiveCheckpointContext(is_recompute=False)
+    assert zero(ctx, conv, *args) == CheckpointPolicy.MUST_SAVE
+    assert zero(ctx, relu, x) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def test_bad_thresholds_are_refused_in_one_line(tmp_path):
