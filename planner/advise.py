@@ -25,14 +25,21 @@ def scale_profile(prof: ModelProfile, batch_size: int) -> ModelProfile:
 
     Exact for per-sample activations; it also scales what does not grow with the batch (e.g.
     parameter gradients inside backward peaks), so it overestimates when scaling up and
-    underestimates when scaling down: confirm with a real profile.
+    underestimates when scaling down: confirm with a real profile. Op-level selective terms
+    are dropped (they are for whole-unit plans: :func:`largest_batch`).
     """
     r = batch_size / prof.batch_size
 
     def scale(obj, names):
-        return dataclasses.replace(obj, **{n: round(getattr(obj, n) * r) for n in names})
+        values = {n: getattr(obj, n) for n in names}
+        return dataclasses.replace(
+            obj, **{n: None if v is None else round(v * r) for n, v in values.items()}
+        )
 
-    units = tuple(scale(u, _UNIT_SCALED) for u in prof.units)
+    units = tuple(
+        dataclasses.replace(scale(u, _UNIT_SCALED), sel_saved_bytes=None, sel_variants=())
+        for u in prof.units
+    )
     out = scale(prof, _MODEL_SCALED)
     static = prof.static_bytes - prof.input_bytes + out.input_bytes
     return dataclasses.replace(
@@ -52,7 +59,9 @@ def largest_batch(
         return None
 
     def fits(b: int, real: bool) -> bool:
-        p = profile_model(spec, b, dtype=prof.dtype) if real else scale_profile(prof, b)
+        if not real:
+            return solve_recompute(scale_profile(prof, b), cfg, budget_bytes) is not None
+        p = profile_model(spec, b, dtype=prof.dtype, selective=False)  # whole units only
         return solve_recompute(p, cfg, budget_bytes) is not None
 
     lo, hi = 0, prof.batch_size  # fits(lo) assumed, fits(hi) known false

@@ -296,13 +296,21 @@ class ModelProfile:
 
 
 def profile_model(
-    spec: ModelSpec, batch_size: int, *, device: str | torch.device = "meta", dtype: str = "fp32"
+    spec: ModelSpec,
+    batch_size: int,
+    *,
+    device: str | torch.device = "meta",
+    dtype: str = "fp32",
+    selective: bool = True,
 ) -> ModelProfile:
     """Profile one training step of ``spec`` at per-device ``batch_size``.
 
     ``device="meta"`` is symbolic (no allocation); ``"cpu"`` or ``"cuda"`` run real tensors
     through the same tracker. ``dtype`` is the training precision (``fp32``, ``fp16``,
-    ``bf16``), emulated as FSDP mixed precision runs it (BatchNorm in FP32).
+    ``bf16``), emulated as FSDP mixed precision runs it (BatchNorm in FP32). With
+    ``selective=False`` the passes that measure units under op-level selective checkpointing
+    are skipped (1 + ``SEL_VARIANTS`` of the 2 + 1 + ``SEL_VARIANTS`` passes): enough for
+    whole-unit plans, and no unit is offered selective checkpointing.
     """
     if batch_size < 1:
         raise FsdpkitError(f"batch size must be >= 1, got {batch_size}")
@@ -343,14 +351,14 @@ def profile_model(
         model.zero_grad(set_to_none=True)
         # without the views: recomputation runs in backward, where FSDP2 has the unit's
         # parameters in the training dtype (the views swap them back after each forward)
-        eligible = [i for i in range(len(units)) if not costs.unsafe(i)]
+        eligible = [i for i in range(len(units)) if selective and not costs.unsafe(i)]
         thresholds = {i: variant_thresholds(costs, i) for i in eligible}
         # one pass per variant level, every unit that has that level at once
         sel_bwd = [
             selective_bwd_peaks(spec, model, inputs, static, excluded,
                                  {i: ([0.0, *t])[k] for i, t in thresholds.items()
                                   if k <= len(t)})
-            for k in range(1 + SEL_VARIANTS)
+            for k in range(1 + SEL_VARIANTS if eligible else 0)
         ]  # fmt: skip
 
     in_units = {id(p) for _, u in units for p in u.parameters()}

@@ -120,7 +120,7 @@ def selective_fields(saved, ins, outs, costs, i, thresholds, sel_bwd) -> dict[st
 # The variants each unit is offered beyond keeping every kept operator: for each share, the
 # threshold whose kept bytes come closest to that share of the base's (see variant_thresholds).
 # Each costs one more profiling pass (all units at once).
-SEL_TARGETS = (0.5, 1.0)
+SEL_TARGETS = (0.5, 1.0, 1.5)
 SEL_VARIANTS = len(SEL_TARGETS)
 
 

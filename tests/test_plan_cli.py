@@ -65,7 +65,9 @@ def test_when_nothing_fits_it_says_the_largest_batch(capsys):
 
 
 def test_when_activations_do_not_fit_it_says_batch_and_world_size(capsys):
-    argv = ["plan", "--model", "regnet10b", "--world-size", "6", "--gpu-mem", "40"]
+    # the advice is about whole-unit plans (planner.advise): no op-level profiling passes
+    argv = ["plan", "--model", "regnet10b", "--world-size", "6", "--gpu-mem", "40",
+            "--granularity", "unit"]  # fmt: skip
     out = run_json(capsys, *argv, "--batch", "64")
     assert not out["fits"] and out["world_size_needed"] > 6
     b = out["largest_batch_that_fits"]
@@ -73,7 +75,7 @@ def test_when_activations_do_not_fit_it_says_batch_and_world_size(capsys):
     assert run_json(capsys, *argv, "--batch", str(b))["fits"]
     assert not run_json(capsys, *argv, "--batch", str(b + 1))["fits"]
     at_world = ["--world-size", str(out["world_size_needed"]), "--batch", "64"]
-    assert run_json(capsys, *argv[:3], *at_world, "--gpu-mem", "40")["fits"]
+    assert run_json(capsys, *argv[:3], *at_world, *argv[5:])["fits"]
 
 
 def test_plan_table_and_plot(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Profiler and memory model against real CPU steps (the accuracy target is 5%)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -222,3 +223,27 @@ def test_low_precision_profile_shows_the_code_sharded_fp32_parameters_outside_un
     assert low.units[0].input_bytes == 8 * 64 * 2 and low.raw_input_bytes == 8 * 64 * 4
     full = profile_model(spec, 8)
     assert full.pre_held_bytes == 0 and full.units[0].input_bytes == 0  # the input itself
+
+
+def test_a_profile_without_selective_passes_plans_whole_units_alike_and_scales():
+    """``selective=False`` skips the op-level passes: no unit is offered selective
+    checkpointing, every other term is the same, so whole-unit plans are identical; and such a
+    profile scales to other batches (what ``largest_batch`` does)."""
+    from planner.advise import largest_batch, scale_profile
+
+    spec = get_model_spec("tiny")
+    full, bare = profile_model(spec, 4), profile_model(spec, 4, selective=False)
+    assert any(u.has_selective for u in full.units)
+    assert not any(u.has_selective for u in bare.units)
+    strip = {"sel_saved_bytes": None, "sel_saves_output_bytes": 0, "sel_recomputed_bytes": 0,
+             "sel_recompute_flops": 0, "sel_bwd_peak_bytes": None, "sel_recompute_time_s": {},
+             "sel_variants": ()}  # fmt: skip
+    assert [dataclasses.replace(u, **strip) for u in full.units] == list(bare.units)
+    cfg = MemoryConfig()
+    budget = estimate(full, [(0, len(full.units), False)], cfg).peak_bytes * 3 // 4
+    a = plan_checkpoints(full, budget, cfg, granularity="unit")
+    b = plan_checkpoints(bare, budget, cfg, granularity="unit")
+    assert (a.segments, a.recompute_time_s) == (b.segments, b.recompute_time_s)
+    scaled = scale_profile(full, 8)
+    assert scaled.batch_size == 8 and not any(u.has_selective for u in scaled.units)
+    assert largest_batch(scale_profile(bare, 64), cfg, budget, spec) in range(1, 64)
