@@ -134,12 +134,15 @@ def is_candidate(func: torch._ops.OpOverload) -> bool:
     no cast or copy FSDP2 runs around a unit)."""
     if is_kept_op(func):
         return True
-    if func.is_view or mutates_first(func) or any(a.is_out for a in func._schema.arguments):
+    # Writing a buffer on the side (BatchNorm's running statistics) is fine: a cached call is
+    # not run again. Writing its input or an out= tensor is not.
+    out_arg = any(getattr(a, "is_out", False) for a in func._schema.arguments)
+    if func.is_view or mutates_first(func) or out_arg:
         return False
     tags = set(func.tags)
-    if torch.Tag.inplace in tags or torch.Tag.nondeterministic_seeded in tags:
+    if getattr(torch.Tag, "nondeterministic_seeded", None) in tags:
         return False
-    if torch.Tag.pointwise in tags or torch.Tag.reduction in tags:
+    if torch.Tag.pointwise in tags or getattr(torch.Tag, "reduction", None) in tags:
         return True
     return getattr(func, "overloadpacket", None) in _norm_packets()
 

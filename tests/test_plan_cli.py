@@ -117,7 +117,7 @@ def test_profile_save_then_plan_from_it(tmp_path, capsys):
         (["plan", "--batch", "2"], "--model is required"),
         (["plan", "--model", "tiny", "--batch", "2", "--gpu-mem", "forty"], "not a size"),
         (["plan", "--profile", "/nonexistent/p.json"], "cannot read profile"),
-        ([*REGNET10B_WS1, "--gpu-mem", "40"], "world size >= 4 needed"),
+        ([*REGNET10B_WS1, "--gpu-mem", "40", "--granularity", "unit"], "world size >= 4 needed"),
         (["plan", "--model", "tiny", "--batch", "2", "--gpu-mem", "512MiB"], "lower --overhead"),
         (["plan", "--model", "tiny", "--batch", "2", "--plot", "x.jpg"], "png or .svg"),
         (["profile", "--model", "tiny", "--batch", "-3"], "--batch must be >= 1"),
