@@ -33,8 +33,13 @@ _REPORT_KEYS = frozenset(
         "verification",
         "recompute_time_fraction",
         "choices",
+        "selective_rule",
     }
 )
+
+# What a selective threshold above 0 means (kitcore.selective.keeps): a score over every
+# candidate operator. Plans without it were written when it meant convolution intensity.
+SELECTIVE_RULE = "score"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,6 +160,7 @@ class Plan:
             recompute_fraction=self.recompute_fraction,
             recompute_time_fraction=self.recompute_time_fraction,
             choices=self.choices(),
+            selective_rule=SELECTIVE_RULE,
         )
         return d
 
@@ -175,6 +181,12 @@ class Plan:
                 kwargs["selective"]
             ):
                 raise ValueError("selective_min_intensity must have one entry per selective unit")
+            old_rule = data.get("selective_rule") != SELECTIVE_RULE
+            if old_rule and any(t > 0 for t in kwargs["selective_min_intensity"]):
+                raise FsdpkitError(
+                    f"{origin}: its selective thresholds are convolution intensities, as an "
+                    "older fsdpkit wrote them; thresholds now score every operator: re-plan"
+                )
             return cls(**kwargs)
         except (KeyError, TypeError, ValueError) as e:
             raise FsdpkitError(f"{origin}: not an fsdpkit plan ({type(e).__name__}: {e})") from None

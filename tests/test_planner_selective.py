@@ -333,6 +333,14 @@ def test_bad_thresholds_are_refused_in_one_line(tmp_path):
     data = {**plan.to_json(), "selective": [1, 2], "selective_min_intensity": [3.0]}
     with pytest.raises(FsdpkitError, match="one entry per selective unit"):
         Plan.from_json(data)
+    # a plan written when thresholds meant convolution intensity is refused, not reread
+    older = {**plan.to_json(), "selective": [1], "selective_min_intensity": [28.0]}
+    assert Plan.from_json(older).selective_min_intensity == (28.0,)
+    del older["selective_rule"]
+    with pytest.raises(FsdpkitError, match=r"older fsdpkit wrote them.*re-plan") as e:
+        Plan.from_json(older)
+    assert "\n" not in str(e.value)
+    assert Plan.from_json({**older, "selective_min_intensity": [0.0]}).selective == (1,)
     spec = MODELS["tiny"]()
     bad = Plan_(list(plan.units), [(0, n, False)], (1, 2))
     bad.selective_min_intensity = (3.0,)
