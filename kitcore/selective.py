@@ -181,4 +181,9 @@ def keeps(
     it."""
     if min_intensity <= 0:
         return is_kept_op(func)
+    # With grad off, the call runs inside an autograd.Function's forward (a fused or composed
+    # normalisation, SyncBN across ranks): its internals differ between the profiled step and
+    # the trained one (one rank or many, CPU or CUDA kernels), so a rule never keeps them.
+    if not torch.is_grad_enabled():
+        return False
     return is_candidate(func) and op_score(func, args, kwargs, out) >= min_intensity

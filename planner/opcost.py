@@ -95,7 +95,8 @@ class OpCosts:
         for k, t in times:
             fwd[k] += t
         if is_candidate(func):
-            score = op_score(func, args, kwargs, out)
+            # kitcore.selective.keeps: a rule by score keeps nothing computed with grad off
+            score = op_score(func, args, kwargs, out) if torch.is_grad_enabled() else 0.0
             call = _Call(score, is_kept_op(func), flops, dict(times))
             self.calls[i].append(call)
             for t in tree_leaves(out):

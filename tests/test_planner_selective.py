@@ -317,6 +317,11 @@ def test_the_intensity_policy_decides_alike_without_the_operators_output():
         bare = SelectiveCheckpointContext(is_recompute=False)
         assert policy(bare, relu, x) == CheckpointPolicy.MUST_SAVE
         assert policy(bare, cast, x, dtype=torch.float16) == CheckpointPolicy.PREFER_RECOMPUTE
+    # inside an autograd.Function's forward (grad off: SyncBN across ranks composes its own
+    # ops there, the profiled single-rank step does not) a rule by score keeps nothing
+    with torch.no_grad():
+        bare = SelectiveCheckpointContext(is_recompute=False)
+        assert policy(bare, relu, x) == CheckpointPolicy.PREFER_RECOMPUTE
     zero = _intensity_policy(0.0)  # threshold 0: the kept operators, nothing else
     ctx = SelectiveCheckpointContext(is_recompute=False)
     assert zero(ctx, conv, *args) == CheckpointPolicy.MUST_SAVE
