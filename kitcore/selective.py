@@ -44,6 +44,7 @@ __all__ = [
     "mutates_first",
     "op_intensity",
     "op_score",
+    "roofline_score",
 ]
 
 # aten operator packets whose outputs selective checkpointing saves. Names missing from a
@@ -157,19 +158,29 @@ def op_intensity(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: An
     return count(*args, **(kwargs or {}), out_val=out) / out_bytes
 
 
+def roofline_score(flops: float, moved: int, out_bytes: int, dtype: torch.dtype) -> float:
+    """:func:`op_score` from a call's FLOPs, bytes moved and output bytes (what a profiler
+    that already counted them has), its output in ``dtype``."""
+    if out_bytes == 0:
+        return 0.0
+    ridge = REFERENCE_RIDGE.get(dtype, REFERENCE_RIDGE[torch.float32])
+    return max(flops / out_bytes, ridge * moved / out_bytes)
+
+
 def op_score(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> float:
     """Roofline recompute time per byte of output on the reference device, in FLOPs per byte
     (see the module docstring): ``max(intensity, ridge * bytes moved / bytes out)``; bytes
     moved are the tensor arguments' and outputs' bytes. 0 for operators without outputs."""
     outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-    out_bytes = sum(t.nbytes for t in outs)
-    if out_bytes == 0:
+    if not outs:
         return 0.0
+    out_bytes = sum(t.nbytes for t in outs)
     moved = out_bytes + sum(
         t.nbytes for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
     )
-    ridge = REFERENCE_RIDGE.get(outs[0].dtype, REFERENCE_RIDGE[torch.float32])
-    return max(op_intensity(func, args, kwargs, out), ridge * moved / out_bytes)
+    count = flop_registry.get(getattr(func, "_overloadpacket", None))
+    flops = count(*args, **(kwargs or {}), out_val=out) if count is not None and out_bytes else 0
+    return roofline_score(flops, moved, out_bytes, outs[0].dtype)
 
 
 def keeps(

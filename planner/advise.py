@@ -13,7 +13,10 @@ from .solve import solve_recompute
 __all__ = ["largest_batch", "scale_profile"]
 
 _UNIT_SCALED = [f.name for f in dataclasses.fields(UnitProfile) if f.name.endswith("_bytes")]
-_UNIT_SCALED = [f for f in _UNIT_SCALED if f != "param_bytes"] + ["flops"]
+# op-level selective terms are dropped, not scaled (see scale_profile)
+_UNIT_SCALED = [f for f in _UNIT_SCALED if f != "param_bytes" and not f.startswith("sel_")]
+_UNIT_SCALED += ["flops"]
+_NO_SELECTIVE = {"sel_saved_bytes": None, "sel_bwd_peak_bytes": None, "sel_variants": ()}
 _MODEL_SCALED = [
     "pre_saved_bytes", "pre_peak_bytes", "tail_saved_bytes", "tail_saves_input_bytes",
     "tail_fwd_peak_bytes", "tail_bwd_peak_bytes", "step_flops", "input_bytes",
@@ -30,16 +33,10 @@ def scale_profile(prof: ModelProfile, batch_size: int) -> ModelProfile:
     """
     r = batch_size / prof.batch_size
 
-    def scale(obj, names):
-        values = {n: getattr(obj, n) for n in names}
-        return dataclasses.replace(
-            obj, **{n: None if v is None else round(v * r) for n, v in values.items()}
-        )
+    def scale(obj, names, **more):
+        return dataclasses.replace(obj, **{n: round(getattr(obj, n) * r) for n in names}, **more)
 
-    units = tuple(
-        dataclasses.replace(scale(u, _UNIT_SCALED), sel_saved_bytes=None, sel_variants=())
-        for u in prof.units
-    )
+    units = tuple(scale(u, _UNIT_SCALED, **_NO_SELECTIVE) for u in prof.units)
     out = scale(prof, _MODEL_SCALED)
     static = prof.static_bytes - prof.input_bytes + out.input_bytes
     return dataclasses.replace(

@@ -27,7 +27,7 @@ from kitcore.selective import (
     is_candidate,
     is_kept_op,
     mutates_first,
-    op_score,
+    roofline_score,
 )
 
 from .devices import GPUS, roofline_seconds
@@ -79,7 +79,8 @@ class OpCosts:
     def __call__(self, func, args, kwargs, out, flops: int) -> None:
         if func.is_view:
             return  # an alias: no data moves
-        moved = _bytes((args, kwargs)) + _bytes(out)
+        out_bytes = _bytes(out)
+        moved = _bytes((args, kwargs)) + out_bytes
         times = [(k, roofline_seconds(flops, moved, d, self.dtype)) for k, d in self._devices]
         step_time = self.step_time
         for k, t in times:
@@ -96,7 +97,12 @@ class OpCosts:
             fwd[k] += t
         if is_candidate(func):
             # kitcore.selective.keeps: a rule by score keeps nothing computed with grad off
-            score = op_score(func, args, kwargs, out) if torch.is_grad_enabled() else 0.0
+            first = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+            score = (
+                roofline_score(flops, moved, out_bytes, first.dtype)
+                if torch.is_grad_enabled() and first is not None
+                else 0.0
+            )
             call = _Call(score, is_kept_op(func), flops, dict(times))
             self.calls[i].append(call)
             for t in tree_leaves(out):
