@@ -84,7 +84,7 @@ def recompute_lower_bound(
     kind, _, where = plain.peak_event.partition(" ")
     if kind == "fwd" and where.isdigit():  # a checkpointed unit runs forward without grad
         u = prof.units[int(where)]
-        steps += _hull([(costs.full[int(where)], u.fwd_peak_bytes - u.fwd_nograd_peak_bytes)])
+        steps += _hull([(costs.cheapest(int(where)), u.fwd_peak_bytes - u.fwd_nograd_peak_bytes)])
     units = prof.units
     # plain boundary k (between units k-1 and k) keeps the larger of the two units' saves
     edge = [max(units[k - 1].saves_output_bytes if k else 0, units[k].saves_input_bytes)
@@ -92,7 +92,7 @@ def recompute_lower_bound(
     edge.append(max(units[-1].saves_output_bytes, prof.tail_saves_input_bytes))
     for i in alive:
         u = units[i]
-        options = [(costs.full[i], u.saved_bytes + edge[i] + edge[i + 1])]
+        options = [(costs.cheapest(i), u.saved_bytes + edge[i] + edge[i + 1])]
         if selective and u.has_selective:
             # keeps its whole input: only its saves and its output side can shrink
             for t, cost in costs.options(i):

@@ -47,6 +47,7 @@ class _Call:
     alive: dict[int, int] = field(default_factory=dict)  # storages it made: key -> bytes
     died: int = 0  # bytes of those that died in the forward (the cache holds them)
     mutated: bool = False  # written in place in the forward by a non-idempotent operator
+    packs: int = 0  # tensors its unit's forward had saved for backward before it ran
 
     def kept_at(self, min_intensity: float) -> bool:
         return self.base if min_intensity <= 0 else self.score >= min_intensity
@@ -75,6 +76,14 @@ class OpCosts:
         self._made: dict[int, _Call] = {}
         self.forward_done = False
         self._refs: list[weakref.ref] = []
+        # torch's early stop (checkpoint(..., use_reentrant=False)) ends a recomputation at
+        # the last tensor its forward saved for backward: per unit, how many it saved, and
+        # the FLOPs and time of what ran after the last one (all operators; the rest)
+        self.packs = [0] * n
+        self.after_flops = [0] * n
+        self.after_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
+        self.rest_after_flops = [0] * n
+        self.rest_after_time = [dict.fromkeys(GPUS, 0.0) for _ in range(n)]
 
     def __call__(self, func, args, kwargs, out, flops: int) -> None:
         if func.is_view:
@@ -92,9 +101,11 @@ class OpCosts:
         i = self.unit()
         if i is None:
             return
-        fwd = self.fwd_time[i]
+        fwd, after = self.fwd_time[i], self.after_time[i]
+        self.after_flops[i] += flops
         for k, t in times:
             fwd[k] += t
+            after[k] += t
         if is_candidate(func):
             # kitcore.selective.keeps: a rule by score keeps nothing computed with grad off
             first = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
@@ -103,7 +114,7 @@ class OpCosts:
                 if torch.is_grad_enabled() and first is not None
                 else 0.0
             )
-            call = _Call(score, is_kept_op(func), flops, dict(times))
+            call = _Call(score, is_kept_op(func), flops, dict(times), packs=self.packs[i])
             self.calls[i].append(call)
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
@@ -115,9 +126,20 @@ class OpCosts:
                         self._refs.append(weakref.ref(st, self._died(key, call)))
         else:
             self.rest_flops[i] += flops
-            rest = self.rest_time[i]
+            self.rest_after_flops[i] += flops
+            rest, rest_after = self.rest_time[i], self.rest_after_time[i]
             for k, t in times:
                 rest[k] += t
+                rest_after[k] += t
+
+    def pack(self, i: int | str) -> None:
+        """Autograd saves a tensor for backward while ``i`` runs (a unit's index in forward).
+        An operator's inputs are saved before it runs, its outputs after."""
+        if isinstance(i, int) and not self.forward_done:
+            self.packs[i] += 1
+            self.after_flops[i] = self.rest_after_flops[i] = 0
+            self.after_time[i] = dict.fromkeys(GPUS, 0.0)
+            self.rest_after_time[i] = dict.fromkeys(GPUS, 0.0)
 
     def finish_forward(self) -> None:
         """The forward is over: storages that die from now on were kept to backward."""
@@ -145,14 +167,16 @@ class OpCosts:
     def threshold(self, i: int, min_intensity: float) -> tuple[dict[int, int], int, int, dict]:
         """Under threshold ``min_intensity`` (:func:`kitcore.selective.keeps`): the kept
         storages alive at the forward's end, the kept bytes that died in it, and the FLOPs
-        and time per device recomputed."""
+        and time per device recomputed: up to the unit's last save for backward, where
+        torch's early stop ends the recomputation (a selective unit is its own region)."""
         kept, dead = {}, 0
-        flops, time = self.rest_flops[i], dict(self.rest_time[i])
+        flops = self.rest_flops[i] - self.rest_after_flops[i]
+        time = {k: t - self.rest_after_time[i][k] for k, t in self.rest_time[i].items()}
         for c in self.calls[i]:
             if c.kept_at(min_intensity):
                 kept.update(c.alive)
                 dead += c.died
-            else:
+            elif c.packs < self.packs[i]:
                 flops += c.flops
                 for k, t in c.times.items():
                     time[k] += t

@@ -13,7 +13,7 @@ from kitcore import FsdpkitError, write_text_atomic
 from ._wrapper import SelectiveSpec, selective_items
 from .devices import DEFAULT_GPU
 from .memory import MemoryConfig, Segment, estimate
-from .profile import ModelProfile
+from .profile import ModelProfile, segment_recompute
 
 __all__ = ["Plan", "make_plan"]
 
@@ -242,7 +242,7 @@ def make_plan(
         peak_bytes_without_checkpointing=plain.peak_bytes,
         breakdown=est.breakdown,
         breakdown_without_checkpointing=plain.breakdown,
-        recompute_flops=sum(u.flops for s, e, c in segs if c for u in prof.units[s:e])
+        recompute_flops=sum(segment_recompute(prof, s, e) for s, e, c in segs if c)
         + sum(prof.units[i].sel_terms(t).recompute_flops for i, t in selective),
         step_flops=prof.step_flops,
         solver_time_s=solver_time_s,
@@ -264,6 +264,6 @@ def make_plan(
 def _recompute_seconds(
     prof: ModelProfile, segments: Sequence[Segment], selective: SelectiveSpec, device: str
 ) -> float:
-    full = sum(u.fwd_time_s[device] for s, e, c in segments if c for u in prof.units[s:e])
+    full = sum(segment_recompute(prof, s, e, device) for s, e, c in segments if c)
     sel = selective_items(selective)
     return full + sum(prof.units[i].sel_terms(t).recompute_time_s[device] for i, t in sel)

@@ -15,6 +15,11 @@ peak of any plan:
 - ``bwd_peak_bytes``: the backward's peak above the live bytes when its output gradient is
   complete (temporaries, gradients of inputs and parameters);
 - ``flops`` (forward) and ``param_bytes``;
+- ``stop_skip_flops`` / ``stop_skip_time_s``: what its forward runs after the last tensor it
+  saves for backward (``saves_nothing``: it saves none). torch's non-reentrant checkpoint
+  stops recomputing there (early stop), so a checkpointed segment ending with this unit never
+  runs it again (:func:`segment_recompute`); a transformer layer ending ``x + fc2(h)`` skips
+  ``fc2``, whose input is saved before it runs;
 - ``input_held_until``: the last unit whose forward starts while this unit's input is still
   alive in a forward without grad, where nothing is saved for backward: the model's own code
   holds it (e.g. ``x = self.trunk(x)`` keeps the trunk's input until the trunk returns). -1:
@@ -73,8 +78,10 @@ __all__ = [
     "ModelProfile",
     "SelVariant",
     "UnitProfile",
+    "early_stop_savings",
     "emulate_mixed_precision",
     "profile_model",
+    "segment_recompute",
 ]
 
 _BN = _BatchNorm  # nn.BatchNorm*d, nn.SyncBatchNorm and fsdpkit.SyncBatchNorm alike
@@ -108,6 +115,9 @@ class UnitProfile:
     fwd_time_s: Mapping[str, float] = field(default_factory=dict)
     sel_recompute_time_s: Mapping[str, float] = field(default_factory=dict)
     sel_variants: tuple[SelVariant, ...] = ()
+    stop_skip_flops: int = 0
+    stop_skip_time_s: Mapping[str, float] = field(default_factory=dict)
+    saves_nothing: bool = False
 
     def __post_init__(self) -> None:
         variants = tuple(SelVariant(**v) if isinstance(v, Mapping) else v
@@ -172,6 +182,35 @@ class UnitProfile:
             saves_output_bytes=v.saves_output_bytes,
             bwd_peak_bytes=bwd,
         )
+
+
+def early_stop_savings(skip: Sequence[float], saves: Sequence[bool], s: int, e: int) -> float:
+    """What torch's early stop spares a checkpointed segment of units ``s..e-1``: per unit,
+    ``skip`` is the cost of its forward after its last save for backward and ``saves`` whether
+    it saves anything. The recomputation ends at the segment's last save, so the last unit's
+    ``skip`` is spared; a unit that saves nothing is spared whole and the stop falls in the
+    unit before it. Empty ``skip``: nothing is spared (profiles from before this was known)."""
+    out = 0
+    for j in range(e - 1, s - 1, -1) if skip else ():
+        out += skip[j]
+        if saves[j]:
+            break
+    return out
+
+
+def segment_recompute(prof: ModelProfile, s: int, e: int, device: str | None = None) -> float:
+    """FLOPs (``device`` None) or roofline seconds on ``device`` of recomputing units
+    ``s..e-1`` inside one checkpointed segment: their forwards less the early stop's
+    savings."""
+    units = prof.units[s:e]
+    if device is None:
+        full = [u.flops for u in units]
+        skip = [u.stop_skip_flops for u in units]
+    else:
+        full = [u.fwd_time_s[device] for u in units]
+        skip = [u.stop_skip_time_s.get(device, 0.0) for u in units]
+    saves = [not u.saves_nothing for u in units]
+    return sum(full) - early_stop_savings(skip, saves, 0, len(units))
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +374,7 @@ def profile_model(
     costs = OpCosts(len(units), dtype, plain.forward_unit, excluded)
     tracker.on_op = costs
     plain.on_forward_done = costs.finish_forward
+    plain.on_pack = costs.pack
     nograd = Trace(LiveMemory(), len(units), excluded)
     nograd.t.register(static)
     low = DTYPES[dtype]
@@ -386,6 +426,9 @@ def profile_model(
                 between_held_bytes=plain.between_held[i],
                 between_held_until=plain.between_until[i],
                 fwd_time_s=costs.fwd_time[i],
+                stop_skip_flops=costs.after_flops[i],
+                stop_skip_time_s=costs.after_time[i],
+                saves_nothing=costs.packs[i] == 0,
                 **selective_fields(saved, ins, outs, costs, i, thresholds.get(i), sel_bwd),
             )
         )

@@ -34,7 +34,7 @@ from .memory import (
     tail_events,
 )
 from .plan import Plan, make_plan
-from .profile import ModelProfile
+from .profile import ModelProfile, early_stop_savings
 
 __all__ = [
     "GRANULARITIES",
@@ -139,11 +139,20 @@ class UnitCosts:
     """What recomputing each unit costs: ``full[i]`` inside a checkpointed segment, ``sel[i]``
     under selective checkpointing keeping every kept operator (None: unavailable), in seconds
     or in FLOPs; ``variants[i]``: (threshold, cost) of its variants that keep fewer
-    (:attr:`planner.profile.UnitProfile.selective_thresholds`)."""
+    (:attr:`planner.profile.UnitProfile.selective_thresholds`). ``skip[i]``: the part of
+    ``full[i]`` after the unit's last save for backward, which a segment ending with it never
+    recomputes; ``saves[i]``: whether it saves anything
+    (:func:`planner.profile.early_stop_savings`)."""
 
     full: tuple[float, ...]
     sel: tuple[float | None, ...]
     variants: tuple[tuple[tuple[float, float], ...], ...] = ()
+    skip: tuple[float, ...] = ()
+    saves: tuple[bool, ...] = ()
+
+    def cheapest(self, i: int) -> float:
+        """The least unit ``i`` costs inside any checkpointed segment (ending it)."""
+        return self.full[i] - (self.skip[i] if self.skip else 0.0)
 
     def options(self, i: int) -> list[tuple[float, float]]:
         """Unit ``i``'s selective options: (threshold, cost), threshold 0.0 first."""
@@ -159,7 +168,9 @@ class UnitCosts:
             tuple((v.min_intensity, float(v.recompute_flops)) for v in u.sel_variants)
             for u in prof.units
         )
-        return cls(tuple(float(u.flops) for u in prof.units), sel, variants)
+        skip = tuple(float(u.stop_skip_flops) for u in prof.units)
+        saves = tuple(not u.saves_nothing for u in prof.units)
+        return cls(tuple(float(u.flops) for u in prof.units), sel, variants, skip, saves)
 
     @classmethod
     def roofline(cls, prof: ModelProfile, device: str) -> UnitCosts:
@@ -171,7 +182,9 @@ class UnitCosts:
             tuple((v.min_intensity, v.recompute_time_s[device]) for v in u.sel_variants)
             for u in prof.units
         )
-        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel, variants)
+        skip = tuple(u.stop_skip_time_s.get(device, 0.0) for u in prof.units)
+        saves = tuple(not u.saves_nothing for u in prof.units)
+        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel, variants, skip, saves)
 
 
 # A unit's mode in the programme: None (no unit before), False (kept), True (checkpointed
@@ -223,7 +236,8 @@ def _solve(
     def extend(front: list, s: int, e: int, c: bool, prev: object, sel: float | None) -> None:
         stored, need = seg_cost(s, e, c, prev, sel)
         if c:
-            extra, mode = full[e] - full[s], True
+            spared = early_stop_savings(costs.skip, costs.saves, s, e)
+            extra, mode = full[e] - full[s] - spared, True
         elif sel is not None:
             extra, mode = options[s][sel][1], (SEL, sel)
         else:

@@ -40,6 +40,7 @@ class Trace:
         self._bwd_unit = n  # unit whose backward runs now; n = the tail
         self.held_until = [-1] * n
         self.on_forward_done = None
+        self.on_pack = None  # called with self.current whenever autograd saves a tensor
         self._input_refs: list[list[weakref.ref]] = [[] for _ in range(n)]
         # made by the model's code between unit i-1's forward and unit i's, still held when
         # unit i starts (not its input, not saved for backward), and until which unit's start
@@ -53,6 +54,8 @@ class Trace:
         return self.current if isinstance(self.current, int) else None
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on_pack is not None:
+            self.on_pack(self.current)
         st = t.untyped_storage()
         key = storage_key(st)
         if key not in self.excluded:

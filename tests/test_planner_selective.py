@@ -10,6 +10,7 @@ import torch
 import toy_models
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from recompute_fns import backward_flops
 from torch import nn
 
 from fsdpkit import FsdpkitError, apply_ac
@@ -241,47 +242,29 @@ def test_cli_gpu_is_the_default_budget_and_unit_granularity_has_no_selective(cap
 @pytest.mark.parametrize("name", ["tiny", "toy-vit"])
 def test_a_variant_recomputes_exactly_the_kept_operators_below_its_threshold(name):
     """A unit's variant (kitcore.selective.keeps) as apply_ac runs it: gradients equal a
-    plain step's in float64, and its backward runs exactly the FLOPs the profile says it
-    recomputes beyond the variant that keeps every kept operator (torch's FLOP formulas over
-    every operator the backward dispatches)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils.flop_counter import flop_registry
-
-    class Flops(TorchDispatchMode):
-        total = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            count = flop_registry.get(func._overloadpacket)
-            self.total += count(*args, **(kwargs or {}), out_val=out) if count else 0
-            return out
-
+    plain step's in float64, and its backward runs exactly the FLOPs beyond a plain step's
+    that the profile says it recomputes (torch's FLOP formulas over every operator the
+    backward dispatches)."""
     spec, prof = MODELS[name](), _profile(name)
     i = next(i for i, u in enumerate(prof.units) if len(u.selective_thresholds) > 1)
     u = prof.units[i]
     units = [n for n, _ in spec.named_units(spec.build_model("meta"))]
     grads, flops = [], {}
     for t in (None, *u.selective_thresholds):
-        torch.manual_seed(0)
-        model = spec.build_model("cpu").double().train()
+        plan = None
         if t is not None:
             plan = Plan_(units, [(0, len(units), False)], (i,))
             # FLOPs per byte: float64 outputs have twice the bytes of the profiled float32
             plan.selective_min_intensity = (t / 2,)
-            apply_ac(model, plan)
-        x = spec.example_input(2, torch.device("cpu"))
-        x = x.double() if torch.is_tensor(x) else [c.double() for c in x]
-        loss = spec.training_loss(model(x))
-        with Flops() as counter:
-            loss.backward()
-        flops[t] = counter.total
-        grads.append([p.grad for p in model.parameters()])
+        flops[t], g = backward_flops(spec, plan)
+        grads.append(g)
     for ref, other in zip(grads[0], grads[1], strict=True):
         torch.testing.assert_close(ref, other, rtol=1e-12, atol=1e-14)
     for t, v in zip(u.selective_thresholds[1:], u.sel_variants, strict=True):
         for ref, other in zip(grads[0], grads[1 + u.selective_thresholds.index(t)], strict=True):
             torch.testing.assert_close(ref, other, rtol=1e-12, atol=1e-14)
-        assert flops[t] - flops[0.0] == v.recompute_flops - u.sel_recompute_flops, (t, flops)
+        assert flops[t] - flops[None] == v.recompute_flops, (t, flops)
+    assert flops[0.0] - flops[None] == u.sel_recompute_flops, flops
     # a variant that keeps less than every kept operator runs some of their FLOPs again
     assert any(v.recompute_flops > u.sel_recompute_flops for v in u.sel_variants)
 
