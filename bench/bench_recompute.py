@@ -16,7 +16,8 @@ Per model (``tiny`` batch 8; transformers ``regnet``/``vit`` from ``tests/oracle
   alive before it; the FLOPs and roofline time (``--gpu``) of the operators each step really
   runs, recomputation included, minus those of its reference step; CPU step time (median).
 
-Then regnet10b (batch 16, fp16, FSDP policy on 8 ranks, 40 GiB), symbolic: op vs unit, and the
+Then regnet10b (batch 16, fp16, FSDP policy on 8 ranks, 40 GiB), symbolic: op vs unit, each
+plan's peak against ``FSDPMemTracker`` (rank 0 of 8 on fake tensors, ~45 s a plan), and the
 lower bound of :func:`planner.recompute_lower_bound`.
 
     python bench/bench_recompute.py [--quick] [--models tiny,regnet,vit] [--out PATH]
@@ -45,6 +46,7 @@ from planner import (
     MemoryConfig,
     UnitCosts,
     estimate,
+    fsdp_memtracker_peak,
     memtracker_peak,
     plan_checkpoints,
     profile_model,
@@ -166,8 +168,8 @@ def ours_at(spec, prof, cfg, budget, batch, steps, device, plain) -> list[dict]:
             over = row["alloc_peak_bytes"] - budget
             if over <= 0 or not plan.fits:
                 break
-            # what the allocator counts beyond the model (CPU convolution scratch) may be less
-            # than the next plan down frees: each retry cuts twice as deep
+            # what the allocator counts beyond the model (CPU convolution scratch) may be
+            # less than the next plan down frees: each retry cuts twice as deep
             target -= over << k
         rows.append(relative({
             "method": f"ours ({gran})", "predicted_bytes": plan.peak_bytes,
@@ -225,13 +227,19 @@ def run_model(name, batch, fractions, act_budgets, sac_fractions, kind, steps, d
 
 
 def regnet10b(gpu: str) -> dict:
-    prof = profile_model(get_model_spec("regnet10b"), 16, dtype="fp16")
+    spec = get_model_spec("regnet10b")
+    prof = profile_model(spec, 16, dtype="fp16")
     cfg = MemoryConfig.from_policy(FSDPPolicy(param_dtype="fp16"), 8)
     out = {"budget_bytes": 40 * GIB}
     for gran in ("op", "unit"):
         p = plan_checkpoints(prof, 40 * GIB, cfg, granularity=gran, device=gpu)
+        # the plan as FSDP2 trains it, rank 0 of 8 on fake tensors, by PyTorch's tracker
+        tracked = fsdp_memtracker_peak(spec, 16, p.segments, selective=p.selective_spec,
+                                       world_size=8, dtype="fp16")  # fmt: skip
         out[gran] = {"recompute_time_fraction": p.recompute_time_fraction,
                      "recompute_fraction": p.recompute_fraction, "peak_bytes": p.peak_bytes,
+                     "fsdpmemtracker_bytes": tracked,
+                     "tracker_error": (p.peak_bytes - tracked) / tracked,
                      "fits": p.fits, "selective": p.selective_spec,
                      "segments": [list(s) for s in p.segments]}  # fmt: skip
     unit_t = out["unit"]["recompute_time_fraction"]
@@ -292,9 +300,10 @@ def table(results: list[dict], big: dict, kind: str) -> Table:
     for gran in ("op", "unit"):
         g = big[gran]
         t.add_row("regnet10b b16", "40 GiB", f"ours ({gran})",
-                  f"{g['peak_bytes'] / GIB:.1f} GiB", "-", "-",
-                  pct(g["recompute_fraction"]), pct(g["recompute_time_fraction"]), "-", "-",
-                  "fits" if g["fits"] else "does not fit")  # fmt: skip
+                  f"{g['peak_bytes'] / GIB:.2f} GiB", f"{g['fsdpmemtracker_bytes'] / GIB:.2f} GiB",
+                  "-", pct(g["recompute_fraction"]), pct(g["recompute_time_fraction"]), "-", "-",
+                  ("fits" if g["fits"] else "does not fit")
+                  + f"; FSDPMemTracker {100 * g['tracker_error']:+.2f}%")  # fmt: skip
         t.add_row("regnet10b b16", "40 GiB", f"lower bound ({gran})", "", "", "", "",
                   pct(g["lower_bound_time_fraction"]), "", "", "no plan of these choices "
                   "recomputes less")  # fmt: skip

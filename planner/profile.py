@@ -392,7 +392,10 @@ def profile_model(
         # without the views: recomputation runs in backward, where FSDP2 has the unit's
         # parameters in the training dtype (the views swap them back after each forward)
         eligible = [i for i in range(len(units)) if selective and not costs.unsafe(i)]
-        thresholds = {i: variant_thresholds(costs, i) for i in eligible}
+        thresholds = {
+            i: variant_thresholds(costs, i, plain.saved[i], plain.inputs[i], plain.outputs[i])
+            for i in eligible
+        }
         # one pass per variant level, every unit that has that level at once
         sel_bwd = [
             selective_bwd_peaks(spec, model, inputs, static, excluded,

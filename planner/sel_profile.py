@@ -15,6 +15,7 @@ from torch import nn
 from kitcore import ModelSpec
 
 from ._wrapper import apply_checkpointing, remove_checkpointing
+from .devices import DEFAULT_GPU
 from .opcost import OpCosts
 from .trace import Trace, total_bytes
 from .tracker import LiveMemory
@@ -117,41 +118,105 @@ def selective_fields(saved, ins, outs, costs, i, thresholds, sel_bwd) -> dict[st
     }
 
 
-# The variants each unit is offered beyond keeping every kept operator: for each share, the
-# threshold whose kept bytes come closest to that share of the base's (see variant_thresholds).
-# Each costs one more profiling pass (all units at once).
-SEL_TARGETS = (0.5, 1.0, 1.5)
-SEL_VARIANTS = len(SEL_TARGETS)
+# Variants each unit is offered beyond the base rule (see variant_thresholds); each costs one
+# more profiling pass (all units at once).
+SEL_VARIANTS = 2
 
 
-def variant_thresholds(costs: OpCosts, i: int) -> list[float]:
-    """Thresholds (:func:`kitcore.selective.keeps`) for unit ``i``'s variants. Keeping by
-    score from the top, each distinct score is a level with its kept bytes; for each share in
-    ``SEL_TARGETS`` the level closest to that share of what the base keeps (every kept
-    operator) is offered, unless it keeps nothing, keeps what the base keeps, or keeps an
-    output the unit's code mutates in place (:meth:`OpCosts.unsafe`)."""
+def _freed_and_time(saved, ins, outs, costs: OpCosts, i: int, t: float) -> tuple[int, float]:
+    """(bytes, seconds on the default device) a unit frees and pays under threshold ``t``
+    against keeping it plain. Boundary tensors are left out: a neighbour may keep them anyway
+    (the memory model counts each once, for whichever unit keeps it)."""
+    boundary = ins.keys() | outs.keys()
+    kept, dead, _, seconds = costs.threshold(i, t)
+    inner = total_bytes({k: v for k, v in kept.items() if k not in boundary}) + dead
+    plain = total_bytes({k: v for k, v in saved.items() if k not in boundary})
+    return plain - inner, seconds[DEFAULT_GPU]
+
+
+def variant_thresholds(
+    costs: OpCosts,
+    i: int,
+    saved: Mapping[int, int],
+    ins: Mapping[int, int],
+    outs: Mapping[int, int],
+) -> list[float]:
+    """Thresholds (:func:`kitcore.selective.keeps`) for unit ``i``'s variants (``saved``,
+    ``ins``, ``outs``: the plain step's storages of the unit, key -> bytes).
+
+    Keeping by score from the top, each distinct score is a level. Each level frees some
+    bytes against keeping the unit plain and pays some recompute time (default device's
+    roofline, whichever device a plan is later priced for; the solver prices the levels
+    offered on that device).
+    Levels that free nothing, keep what the base keeps, keep an output the code mutates in
+    place (:meth:`OpCosts.unsafe`), or are dominated (another level, the base or checkpointing
+    the unit frees as much for no more time) are dropped. Of the rest, the vertices of the
+    lower convex hull of (freed, time) through plain (0, 0), the base and the checkpointed
+    unit come first: across many units the solver mixes hull points, so those decide large
+    models; more than :data:`SEL_VARIANTS` are thinned by dropping the vertex whose removal
+    changes the hull least; fewer are topped up with the remaining levels farthest, in freed
+    bytes, from those already offered (few units pick single points, not mixes)."""
+    levels, seen = [], set()
     calls = costs.scores(i)
-    base = costs.threshold(i, 0.0)
-    base_bytes = sum(base[0].values()) + base[1]
-    levels, kept = [], 0
-    for j, (score, b) in enumerate(calls):
-        kept += b
+    for j, (score, _) in enumerate(calls):
         lower = calls[j + 1][0] if j + 1 < len(calls) else 0.0
         if lower >= score * (1 - 1e-6):
             continue  # the next call scores the same: no threshold separates them
         t = math.sqrt(score * lower) if lower > 0 else score / 2
-        if t > 0:
-            levels.append((t, kept))
-    out = []
-    for share in SEL_TARGETS:
-        fits = [
-            (abs(b - share * base_bytes), t)
-            for t, b in levels
-            if t not in out and not costs.unsafe(i, t) and not _same_as_base(costs, i, t)
-        ]
-        if fits and base_bytes > 0:
-            out.append(min(fits)[1])
-    return out
+        if t > 0 and t not in seen and not costs.unsafe(i, t) and not _same_as_base(costs, i, t):
+            seen.add(t)
+            levels.append((*_freed_and_time(saved, ins, outs, costs, i, t), t))
+    base = (*_freed_and_time(saved, ins, outs, costs, i, 0.0), 0.0)
+    # checkpointing the unit (its own segment): frees every inner save, reruns the forward
+    inner = total_bytes({k: v for k, v in saved.items() if k not in ins.keys() | outs.keys()})
+    whole = costs.fwd_time[i][DEFAULT_GPU] - costs.after_time[i][DEFAULT_GPU]
+    anchors = [base, (inner, whole, -1.0)]
+    points = [p for p in levels if p[0] > 0 and not _dominated(p, [*levels, *anchors])]
+    if not points:
+        return []
+    span = (max(p[0] for p in [*points, *anchors]) or 1, max(p[1] for p in [*points, *anchors]))
+    norm = {p[2]: (p[0] / span[0], p[1] / (span[1] or 1.0)) for p in [*points, *anchors]}
+    fixed = [(0.0, 0.0), *(norm[a[2]] for a in anchors)]  # plain, base, checkpointed
+    hull = _lower_hull([*fixed, *(norm[p[2]] for p in points)])
+    chosen = [p[2] for p in points if norm[p[2]] in hull]
+    while len(chosen) > SEL_VARIANTS:
+        chosen.remove(min(chosen, key=lambda t: _area(t, chosen, norm, fixed)))
+    rest = [p[2] for p in points if p[2] not in chosen]
+    while rest and len(chosen) < SEL_VARIANTS:
+        marks = [x for x, _ in fixed] + [norm[t][0] for t in chosen]
+        far = max(rest, key=lambda t: min(abs(norm[t][0] - x) for x in marks))
+        chosen.append(far)
+        rest.remove(far)
+    return chosen
+
+
+def _dominated(p: tuple, others: list[tuple]) -> bool:
+    return any(q[0] >= p[0] and q[1] <= p[1] and (q[0], q[1]) != (p[0], p[1]) for q in others)
+
+
+def _lower_hull(xy: list[tuple[float, float]]) -> set[tuple[float, float]]:
+    """Vertices of the lower convex hull of points (x: bytes freed, y: time), by x."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(set(xy)):
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
+                hull.pop()  # hull[-1] lies on or above the chord from hull[-2] to p
+            else:
+                break
+        hull.append(p)
+    return set(hull)
+
+
+def _area(t: float, chosen: list[float], norm: dict, fixed: list[tuple]) -> float:
+    """The triangle ``t``'s vertex forms with its neighbours on the polyline through the
+    chosen levels and the fixed options (plain, base, checkpointed)."""
+    line = sorted([*fixed, *(norm[c] for c in chosen)])
+    k = line.index(norm[t])
+    if k == 0 or k == len(line) - 1:
+        return math.inf  # an end point: removing it shrinks the range offered
+    (x1, y1), (x2, y2), (x3, y3) = line[k - 1], line[k], line[k + 1]
+    return abs((x2 - x1) * (y3 - y1) - (x3 - x1) * (y2 - y1)) / 2
 
 
 def _same_as_base(costs: OpCosts, i: int, t: float) -> bool:

@@ -139,16 +139,20 @@ def test_a_unit_that_mutates_a_kept_output_in_place_is_offered_selective_only_if
 
 
 class _Mutates(nn.Module):
-    """conv -> x * 2 (a candidate no backward saves) -> add_ on it (not idempotent) -> conv."""
+    """h = conv(x); w = h * h, then add_ on it (not idempotent); g = sigmoid(h);
+    conv(addcmul(w, w, g)). By score: addcmul (4 tensors moved per output), then w (3), then g
+    (2). Keeping addcmul's output alone is safe and frees w and g for less than the base rule;
+    keeping w too would free g for less still, but recomputation would add 1 to w twice."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
 
     def forward(self, x):
-        w = self.a(x) * 2.0
+        h = self.a(x)
+        w = h * h
         w.add_(1.0)
-        return self.b(w) * 0.5
+        return self.b(torch.addcmul(w, w, h.sigmoid())) * 0.5
 
 
 def test_a_rule_that_keeps_an_output_later_written_in_place_is_not_offered(monkeypatch):
@@ -159,8 +163,7 @@ def test_a_rule_that_keeps_an_output_later_written_in_place_is_not_offered(monke
     from kitcore.selective import op_score
     from planner import sel_profile
 
-    monkeypatch.setattr(sel_profile, "SEL_TARGETS", (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e9))
-    monkeypatch.setattr(sel_profile, "SEL_VARIANTS", 7)
+    monkeypatch.setattr(sel_profile, "SEL_VARIANTS", 7)  # every level that qualifies
     monkeypatch.setattr("planner.profile.SEL_VARIANTS", 7)
 
     def build(device):
@@ -180,7 +183,7 @@ def test_a_rule_that_keeps_an_output_later_written_in_place_is_not_offered(monke
     prof = profile_model(spec, 2)
     y = torch.empty(2, 4, 6, 6)
     mul = torch.ops.aten.mul.Tensor
-    written = op_score(mul, (y, torch.tensor(2.0)), {}, y)  # w = conv(x) * 2.0, then add_
+    written = op_score(mul, (y, y), {}, y)  # w = h * h, then add_
     assert all(u.has_selective for u in prof.units)
     offered = [t for u in prof.units for t in u.selective_thresholds[1:]]
     assert offered and all(t > written for t in offered)
