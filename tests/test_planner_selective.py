@@ -339,3 +339,30 @@ def test_bad_thresholds_are_refused_in_one_line(tmp_path):
         apply_ac(spec.build_model("cpu"), bad)
     with pytest.raises(FsdpkitError, match="not profiled with selective threshold 3"):
         estimate(prof, [(0, n, False)], MemoryConfig(), [(1, 3.0)])
+
+
+@pytest.mark.parametrize("name", ["tiny", "toy-vit", "hf-regnet"])
+def test_every_variant_offered_frees_bytes_and_no_option_beats_it_on_both_counts(name):
+    """A variant is worth a profiling pass only if it frees activation bytes against keeping
+    the unit plain and neither the base rule, another variant, nor checkpointing the unit
+    frees as much for no more recompute time (planner.sel_profile.variant_thresholds)."""
+    prof = _profile(name)
+    offered = 0
+    for u in prof.units:
+        if not u.has_selective:
+            continue
+        options = [
+            (
+                u.saved_bytes - u.sel_terms(t).saved_bytes,
+                u.sel_terms(t).recompute_time_s[DEFAULT_GPU],
+            )
+            for t in u.selective_thresholds
+        ]
+        whole = u.fwd_time_s[DEFAULT_GPU] - u.stop_skip_time_s.get(DEFAULT_GPU, 0.0)
+        options.append((u.saved_bytes, whole))  # checkpointed as its own segment
+        for k, (freed, time) in enumerate(options[1:-1], start=1):
+            offered += 1
+            assert freed > 0, (u.name, u.selective_thresholds[k])
+            beaten = [o for j, o in enumerate(options) if j != k and o[0] >= freed and o[1] <= time]
+            assert not beaten, (u.name, u.selective_thresholds[k], options)
+    assert offered > 0
