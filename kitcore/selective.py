@@ -148,14 +148,18 @@ def is_candidate(func: torch._ops.OpOverload) -> bool:
     return getattr(func, "overloadpacket", None) in _norm_packets()
 
 
+def _op_flops(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> int:
+    """FLOPs of one operator call by torch's formulas (``torch.utils.flop_counter``); 0 for
+    operators without one."""
+    count = flop_registry.get(getattr(func, "_overloadpacket", None))
+    return count(*args, **(kwargs or {}), out_val=out) if count is not None else 0
+
+
 def op_intensity(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> float:
     """FLOPs per byte of output of one operator call (torch's FLOP formulas,
     ``torch.utils.flop_counter``); 0 for operators without a formula or outputs."""
-    count = flop_registry.get(getattr(func, "_overloadpacket", None))
     out_bytes = sum(t.nbytes for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-    if count is None or out_bytes == 0:
-        return 0.0
-    return count(*args, **(kwargs or {}), out_val=out) / out_bytes
+    return _op_flops(func, args, kwargs, out) / out_bytes if out_bytes else 0.0
 
 
 def roofline_score(flops: float, moved: int, out_bytes: int, dtype: torch.dtype) -> float:
@@ -178,8 +182,7 @@ def op_score(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -
     moved = out_bytes + sum(
         t.nbytes for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
     )
-    count = flop_registry.get(getattr(func, "_overloadpacket", None))
-    flops = count(*args, **(kwargs or {}), out_val=out) if count is not None and out_bytes else 0
+    flops = _op_flops(func, args, kwargs, out) if out_bytes else 0
     return roofline_score(flops, moved, out_bytes, outs[0].dtype)
 
 

@@ -81,6 +81,7 @@ __all__ = [
     "early_stop_savings",
     "emulate_mixed_precision",
     "profile_model",
+    "recompute_terms",
     "segment_recompute",
 ]
 
@@ -198,19 +199,27 @@ def early_stop_savings(skip: Sequence[float], saves: Sequence[bool], s: int, e: 
     return out
 
 
-def segment_recompute(prof: ModelProfile, s: int, e: int, device: str | None = None) -> float:
-    """FLOPs (``device`` None) or roofline seconds on ``device`` of recomputing units
-    ``s..e-1`` inside one checkpointed segment: their forwards less the early stop's
-    savings."""
-    units = prof.units[s:e]
+def recompute_terms(
+    units: Sequence[UnitProfile], device: str | None = None
+) -> tuple[list[float], list[float], list[bool]]:
+    """Per unit, what recomputing it inside a checkpointed segment costs, in FLOPs
+    (``device`` None) or roofline seconds on ``device``: its forward, the part after its last
+    save for backward, and whether it saves anything (see :func:`early_stop_savings`)."""
     if device is None:
         full = [u.flops for u in units]
         skip = [u.stop_skip_flops for u in units]
     else:
         full = [u.fwd_time_s[device] for u in units]
         skip = [u.stop_skip_time_s.get(device, 0.0) for u in units]
-    saves = [not u.saves_nothing for u in units]
-    return sum(full) - early_stop_savings(skip, saves, 0, len(units))
+    return full, skip, [not u.saves_nothing for u in units]
+
+
+def segment_recompute(prof: ModelProfile, s: int, e: int, device: str | None = None) -> float:
+    """FLOPs (``device`` None) or roofline seconds on ``device`` of recomputing units
+    ``s..e-1`` inside one checkpointed segment: their forwards less the early stop's
+    savings."""
+    full, skip, saves = recompute_terms(prof.units[s:e], device)
+    return sum(full) - early_stop_savings(skip, saves, 0, len(full))
 
 
 @dataclass(frozen=True, slots=True)

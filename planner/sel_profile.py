@@ -123,17 +123,6 @@ def selective_fields(saved, ins, outs, costs, i, thresholds, sel_bwd) -> dict[st
 SEL_VARIANTS = 2
 
 
-def _freed_and_time(saved, ins, outs, costs: OpCosts, i: int, t: float) -> tuple[int, float]:
-    """(bytes, seconds on the default device) a unit frees and pays under threshold ``t``
-    against keeping it plain. Boundary tensors are left out: a neighbour may keep them anyway
-    (the memory model counts each once, for whichever unit keeps it)."""
-    boundary = ins.keys() | outs.keys()
-    kept, dead, _, seconds = costs.threshold(i, t)
-    inner = total_bytes({k: v for k, v in kept.items() if k not in boundary}) + dead
-    plain = total_bytes({k: v for k, v in saved.items() if k not in boundary})
-    return plain - inner, seconds[DEFAULT_GPU]
-
-
 def variant_thresholds(
     costs: OpCosts,
     i: int,
@@ -156,6 +145,14 @@ def variant_thresholds(
     models; more than :data:`SEL_VARIANTS` are thinned by dropping the vertex whose removal
     changes the hull least; fewer are topped up with the remaining levels farthest, in freed
     bytes, from those already offered (few units pick single points, not mixes)."""
+    # bytes freed against keeping the unit plain, boundary tensors left out (a neighbour may
+    # keep them anyway; the memory model counts each once), and time on the default device
+    plain = total_bytes({k: v for k, v in saved.items() if k not in ins.keys() | outs.keys()})
+
+    def option(t: float) -> tuple[int, float, float]:
+        v = _selective_terms(saved, ins, outs, costs, i, t, None)
+        return plain - v.saved_bytes, v.recompute_time_s[DEFAULT_GPU], t
+
     levels, seen = [], set()
     calls = costs.scores(i)
     for j, (score, _) in enumerate(calls):
@@ -165,12 +162,10 @@ def variant_thresholds(
         t = math.sqrt(score * lower) if lower > 0 else score / 2
         if t > 0 and t not in seen and not costs.unsafe(i, t) and not _same_as_base(costs, i, t):
             seen.add(t)
-            levels.append((*_freed_and_time(saved, ins, outs, costs, i, t), t))
-    base = (*_freed_and_time(saved, ins, outs, costs, i, 0.0), 0.0)
+            levels.append(option(t))
     # checkpointing the unit (its own segment): frees every inner save, reruns the forward
-    inner = total_bytes({k: v for k, v in saved.items() if k not in ins.keys() | outs.keys()})
     whole = costs.fwd_time[i][DEFAULT_GPU] - costs.after_time[i][DEFAULT_GPU]
-    anchors = [base, (inner, whole, -1.0)]
+    anchors = [option(0.0), (plain, whole, -1.0)]
     points = [p for p in levels if p[0] > 0 and not _dominated(p, [*levels, *anchors])]
     if not points:
         return []

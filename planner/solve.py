@@ -34,7 +34,7 @@ from .memory import (
     tail_events,
 )
 from .plan import Plan, make_plan
-from .profile import ModelProfile, early_stop_savings
+from .profile import ModelProfile, early_stop_savings, recompute_terms
 
 __all__ = [
     "GRANULARITIES",
@@ -168,9 +168,8 @@ class UnitCosts:
             tuple((v.min_intensity, float(v.recompute_flops)) for v in u.sel_variants)
             for u in prof.units
         )
-        skip = tuple(float(u.stop_skip_flops) for u in prof.units)
-        saves = tuple(not u.saves_nothing for u in prof.units)
-        return cls(tuple(float(u.flops) for u in prof.units), sel, variants, skip, saves)
+        full, skip, saves = recompute_terms(prof.units)
+        return cls(tuple(map(float, full)), sel, variants, tuple(map(float, skip)), tuple(saves))
 
     @classmethod
     def roofline(cls, prof: ModelProfile, device: str) -> UnitCosts:
@@ -182,9 +181,8 @@ class UnitCosts:
             tuple((v.min_intensity, v.recompute_time_s[device]) for v in u.sel_variants)
             for u in prof.units
         )
-        skip = tuple(u.stop_skip_time_s.get(device, 0.0) for u in prof.units)
-        saves = tuple(not u.saves_nothing for u in prof.units)
-        return cls(tuple(u.fwd_time_s[device] for u in prof.units), sel, variants, skip, saves)
+        full, skip, saves = recompute_terms(prof.units, device)
+        return cls(tuple(full), sel, variants, tuple(skip), tuple(saves))
 
 
 # A unit's mode in the programme: None (no unit before), False (kept), True (checkpointed

@@ -1,25 +1,11 @@
-"""What a backward runs: torch's FLOP formulas over every operator it dispatches, for tests
-that hold the planner's recompute FLOPs to what training runs again."""
+"""What a backward runs, counted by PyTorch's own ``FlopCounterMode`` (its FLOP formulas over
+every operator dispatched), for tests that hold the planner's recompute FLOPs to what
+training runs again."""
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import FlopCounterMode
 
 from fsdpkit import apply_ac
-
-
-class DispatchedFlops(TorchDispatchMode):
-    """torch's FLOP formulas over every operator dispatched inside."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        count = flop_registry.get(func._overloadpacket)
-        self.total += count(*args, **(kwargs or {}), out_val=out) if count else 0
-        return out
 
 
 def backward_flops(spec, plan=None, batch: int = 2) -> tuple[int, list[torch.Tensor]]:
@@ -32,6 +18,6 @@ def backward_flops(spec, plan=None, batch: int = 2) -> tuple[int, list[torch.Ten
     x = spec.example_input(batch, torch.device("cpu"))
     x = x.double() if torch.is_tensor(x) else [c.double() for c in x]
     loss = spec.training_loss(model(x))
-    with DispatchedFlops() as counter:
+    with FlopCounterMode(display=False) as counter:
         loss.backward()
-    return counter.total, [p.grad for p in model.parameters()]
+    return counter.get_total_flops(), [p.grad for p in model.parameters()]
